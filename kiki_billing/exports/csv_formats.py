@@ -1,0 +1,162 @@
+"""The QuickBooks Online and Xero invoice-import CSV formats (headers as the providers publish).
+
+One CSV row per invoice line; rows of one invoice share its number. Amounts are the rounded
+line fees, so each imported invoice totals exactly the invoice's fee.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from datetime import date
+
+from kiki_billing.config import QuickBooksCsvSettings, XeroCsvSettings
+from kiki_billing.models import Invoice
+from kiki_billing.money import format_money
+
+XERO_HEADER = [
+    "*ContactName",
+    "EmailAddress",
+    "POAddressLine1",
+    "POAddressLine2",
+    "POAddressLine3",
+    "POAddressLine4",
+    "POCity",
+    "PORegion",
+    "POPostalCode",
+    "POCountry",
+    "*InvoiceNumber",
+    "Reference",
+    "*InvoiceDate",
+    "*DueDate",
+    "InventoryItemCode",
+    "*Description",
+    "*Quantity",
+    "*UnitAmount",
+    "Discount",
+    "*AccountCode",
+    "*TaxType",
+    "TrackingName1",
+    "TrackingOption1",
+    "TrackingName2",
+    "TrackingOption2",
+    "Currency",
+    "BrandingTheme",
+]
+QUICKBOOKS_HEADER = [
+    "*InvoiceNo",
+    "*Customer",
+    "*InvoiceDate",
+    "*DueDate",
+    "Terms",
+    "Location",
+    "Memo",
+    "Item(Product/Service)",
+    "ItemDescription",
+    "ItemQuantity",
+    "ItemRate",
+    "*ItemAmount",
+    "Service Date",
+]
+# NOTE: Xero's import takes at most 500 invoices per file.
+XERO_INVOICES_PER_FILE = 500
+# NOTE: QuickBooks Online caps DocNumber (the import's InvoiceNo) at 21 characters
+# (Finance.xsd, Invoice/DocNumber); "KIKI-OaaS-YYYYMM-NNNNNN" is 23, so the "KIKI-" prefix is
+# dropped there and the full number goes into the memo.
+QUICKBOOKS_DOC_NUMBER_MAX = 21
+
+
+def quickbooks_doc_number(invoice_number: str) -> str:
+    """The invoice number as QuickBooks Online can store it (<= 21 characters)."""
+    short = invoice_number.removeprefix("KIKI-")
+    if len(short) > QUICKBOOKS_DOC_NUMBER_MAX:
+        raise ValueError(f"{invoice_number!r} does not fit QuickBooks' 21-character DocNumber")
+    return short
+
+
+def _date(value: date, fmt: str) -> str:
+    return value.strftime("%d/%m/%Y" if fmt == "DD/MM/YYYY" else "%m/%d/%Y")
+
+
+def _csv(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def xero_rows(invoice: Invoice, settings: XeroCsvSettings) -> list[list[str]]:
+    """The Xero import rows of one invoice."""
+    rows = []
+    for line in invoice.lines:
+        row = dict.fromkeys(XERO_HEADER, "")
+        row.update(
+            {
+                "*ContactName": invoice.client_name,
+                "EmailAddress": invoice.client_email or "",
+                "*InvoiceNumber": invoice.number,
+                "Reference": f"Profit share {invoice.period}",
+                "*InvoiceDate": _date(invoice.issue_date, settings.date_format),
+                "*DueDate": _date(invoice.due_date, settings.date_format),
+                "*Description": line.description,
+                "*Quantity": "1",
+                "*UnitAmount": format_money(line.fee, invoice.currency),
+                "*AccountCode": settings.account_code,
+                "*TaxType": settings.tax_type,
+                "Currency": invoice.currency,
+                "BrandingTheme": settings.branding_theme or "",
+            }
+        )
+        rows.append([row[name] for name in XERO_HEADER])
+    return rows
+
+
+def render_xero_csv(invoices: Sequence[Invoice], settings: XeroCsvSettings) -> list[str]:
+    """Xero sales-invoice import files: one per 500 invoices."""
+    files = []
+    for start in range(0, max(len(invoices), 1), XERO_INVOICES_PER_FILE):
+        chunk = invoices[start : start + XERO_INVOICES_PER_FILE]
+        files.append(_csv(XERO_HEADER, (row for inv in chunk for row in xero_rows(inv, settings))))
+    return files
+
+
+def quickbooks_header(invoices: Sequence[Invoice], settings: QuickBooksCsvSettings) -> list[str]:
+    """The QuickBooks header; ``Currency`` is added when an invoice is not in home currency."""
+    if any(inv.currency != settings.home_currency for inv in invoices):
+        return [*QUICKBOOKS_HEADER, "Currency"]
+    return list(QUICKBOOKS_HEADER)
+
+
+def quickbooks_rows(
+    invoice: Invoice, settings: QuickBooksCsvSettings, header: Sequence[str]
+) -> list[list[str]]:
+    """The QuickBooks import rows of one invoice."""
+    rows = []
+    for line in invoice.lines:
+        amount = format_money(line.fee, invoice.currency)
+        row = {
+            "*InvoiceNo": quickbooks_doc_number(invoice.number),
+            "*Customer": invoice.client_name,
+            "*InvoiceDate": _date(invoice.issue_date, settings.date_format),
+            "*DueDate": _date(invoice.due_date, settings.date_format),
+            "Terms": f"Net {invoice.payment_terms_days}",
+            "Location": settings.location or "",
+            "Memo": f"{invoice.number} profit share {invoice.period}",
+            "Item(Product/Service)": settings.item,
+            "ItemDescription": line.description,
+            "ItemQuantity": "1",
+            "ItemRate": amount,
+            "*ItemAmount": amount,
+            "Service Date": _date(invoice.period_end, settings.date_format),
+            "Currency": invoice.currency,
+        }
+        rows.append([row[name] for name in header])
+    return rows
+
+
+def render_quickbooks_csv(invoices: Sequence[Invoice], settings: QuickBooksCsvSettings) -> str:
+    """The QuickBooks Online invoice import file."""
+    header = quickbooks_header(invoices, settings)
+    return _csv(header, (row for inv in invoices for row in quickbooks_rows(inv, settings, header)))
