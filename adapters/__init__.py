@@ -1,0 +1,1 @@
+"""Billing-system adapters shipped with kiki-billing (found through entry points)."""

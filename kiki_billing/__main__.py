@@ -1,0 +1,5 @@
+"""``python -m kiki_billing``."""
+
+from kiki_billing.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Delivery of invoices to billing systems: adapters, keys, retries, rate limits, ledger."""

@@ -1,0 +1,120 @@
+"""Finding adapters: the ``kiki_billing.adapters`` entry-point group, nothing else.
+
+Built-in adapters are registered in this package's own metadata exactly like a third-party
+package registers its own, so the core never imports an adapter by name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+
+from pydantic import ValidationError
+
+from kiki_billing.errors import ConfigurationError
+from kiki_billing.hub.adapter import AdapterSettings, BillingAdapter
+
+ENTRY_POINT_GROUP = "kiki_billing.adapters"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What ``kiki-billing adapters`` shows about one installed adapter."""
+
+    name: str
+    value: str
+    distribution: str | None
+    sdk_present: bool
+    extra: str | None
+    description: str
+    load_error: str | None = None
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def known_adapter_names() -> list[str]:
+    """Names of every adapter registered in the environment."""
+    return sorted(_entry_points())
+
+
+def load_adapter_class(name: str) -> type[BillingAdapter]:
+    """The adapter class registered as ``name``.
+
+    Raises:
+        ConfigurationError: No such adapter, its SDK is missing (naming the extra to install),
+            or the entry point does not name a :class:`BillingAdapter`.
+    """
+    points = _entry_points()
+    if name not in points:
+        known = ", ".join(sorted(points)) or "none"
+        raise ConfigurationError(f"unknown target {name!r} (installed adapters: {known})")
+    try:
+        cls = points[name].load()
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"adapter {name!r} cannot be loaded: {exc}; is its package installed?"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, BillingAdapter)):
+        raise ConfigurationError(f"entry point {name!r} is not a BillingAdapter: {cls!r}")
+    missing = [module for module in cls.requires if importlib.util.find_spec(module) is None]
+    if missing:
+        install = (
+            f"pip install 'kiki-billing[{cls.extra}]'" if cls.extra else f"pip install {missing[0]}"
+        )
+        raise ConfigurationError(
+            f"adapter {name!r} needs the {', '.join(missing)} package: {install}"
+        )
+    return cls
+
+
+def adapter_settings(cls: type[BillingAdapter]) -> AdapterSettings:
+    """Read an adapter's settings from the environment.
+
+    Raises:
+        ConfigurationError: A required variable is missing or a value is malformed; names the
+            variable, never its value.
+    """
+    try:
+        return cls.settings_model()
+    except ValidationError as exc:
+        prefix = str(cls.settings_model.model_config.get("env_prefix", ""))
+        first = exc.errors()[0]
+        variable = (prefix + "_".join(str(p) for p in first["loc"])).upper()
+        if first["type"] == "missing":
+            raise ConfigurationError(f"adapter {cls.name!r}: {variable} is not set") from None
+        raise ConfigurationError(
+            f"adapter {cls.name!r}: {variable} is invalid: {first['msg']}"
+        ) from None
+
+
+def create_adapter(name: str) -> BillingAdapter:
+    """Load, configure and instantiate the adapter ``name``."""
+    cls = load_adapter_class(name)
+    return cls(adapter_settings(cls))
+
+
+def describe_adapters() -> list[AdapterInfo]:
+    """Every registered adapter, whether its SDK is present, and which extra installs it."""
+    infos = []
+    for name, point in sorted(_entry_points().items()):
+        dist = point.dist.name if point.dist is not None else None
+        try:
+            cls = point.load()
+        except ImportError as exc:
+            infos.append(AdapterInfo(name, point.value, dist, False, None, "", str(exc)))
+            continue
+        present = all(importlib.util.find_spec(m) is not None for m in getattr(cls, "requires", ()))
+        infos.append(
+            AdapterInfo(
+                name=name,
+                value=point.value,
+                distribution=dist,
+                sdk_present=present,
+                extra=getattr(cls, "extra", None),
+                description=getattr(cls, "description", "") or (cls.__doc__ or "").strip(),
+            )
+        )
+    return infos

@@ -1,0 +1,135 @@
+"""Retrying transient failures: the one place it happens (tenacity).
+
+Every attempt of a step resends the same idempotency key (fixed before the loop). Transient
+errors are retried with exponential backoff and full jitter, or after the provider's
+``Retry-After`` when it gives one; terminal errors stop at once. Attempts and total time are
+bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+from tenacity.stop import stop_base
+
+from kiki_billing.hub.errors import DeliveryError, TransientError
+
+T = TypeVar("T")
+
+
+class RetryPolicy(BaseModel):
+    """How hard to try one step before giving up (``KIKI_RETRY_*``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_attempts: int = Field(default=6, ge=1, le=50)
+    max_seconds: float = Field(default=300.0, gt=0)
+    initial_wait: float = Field(default=0.5, ge=0)
+    max_wait: float = Field(default=30.0, ge=0)
+    max_retry_after: float = Field(default=120.0, ge=0)
+    """A longer ``Retry-After`` is not waited out: the delivery is deferred instead."""
+
+
+def _is_transient(error: BaseException) -> bool:
+    return isinstance(error, DeliveryError) and error.retriable
+
+
+class _WaitRetryAfterOrBackoff:
+    """The provider's ``Retry-After`` when given, else exponential backoff with jitter."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.backoff = wait_exponential_jitter(
+            multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait
+        )
+
+    def __call__(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, TransientError) and error.retry_after is not None:
+            return error.retry_after
+        return float(self.backoff(state))
+
+
+class _StopOnLongRetryAfter(stop_base):
+    """Stop when the provider asks for a longer wait than we are willing to block for."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+
+    def __call__(self, state: RetryCallState) -> bool:
+        error = state.outcome.exception() if state.outcome else None
+        return (
+            isinstance(error, TransientError)
+            and error.retry_after is not None
+            and error.retry_after > self.limit
+        )
+
+
+def run_with_retry(
+    send: Callable[[], T],
+    classify: Callable[[Exception], DeliveryError],
+    policy: RetryPolicy,
+    *,
+    before_attempt: Callable[[int], None] | None = None,
+    on_retry: Callable[[DeliveryError, int, float], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``send`` until it succeeds, fails terminally, or the policy runs out.
+
+    Args:
+        send: One attempt (it must reuse the same idempotency key every time).
+        classify: Maps an SDK exception to a :class:`DeliveryError`.
+        policy: Attempts and time bounds.
+        before_attempt: Called with the attempt number before each attempt (rate limiting).
+        on_retry: Called with the error, the attempt number and the wait before a retry.
+        sleep: Injected in tests.
+
+    Returns:
+        What ``send`` returned.
+
+    Raises:
+        DeliveryError: The last error, classified.
+    """
+
+    def attempt() -> T:
+        number = attempt_number[0] = attempt_number[0] + 1
+        if before_attempt is not None:
+            before_attempt(number)
+        try:
+            return send()
+        except DeliveryError:
+            raise
+        except Exception as exc:  # an SDK error: the adapter says what it means
+            raise classify(exc) from exc
+
+    attempt_number = [0]
+
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        if on_retry is not None and isinstance(error, DeliveryError):
+            on_retry(error, state.attempt_number, wait)
+
+    retrying = Retrying(
+        retry=retry_if_exception(_is_transient),
+        stop=(
+            stop_after_attempt(policy.max_attempts)
+            | stop_after_delay(policy.max_seconds)
+            | _StopOnLongRetryAfter(policy.max_retry_after)
+        ),
+        wait=_WaitRetryAfterOrBackoff(policy),
+        sleep=sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return retrying(attempt)

@@ -1,0 +1,236 @@
+"""An in-memory billing system that honours idempotency keys, and an adapter for it.
+
+Like a mock transport, it makes hub tests exact: faults are scripted per call, every call is
+recorded with its key, and duplicates are visible in :attr:`MemoryBillingSystem.invoices`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from pydantic_settings import SettingsConfigDict
+
+from kiki_billing.hub.adapter import (
+    AdapterSettings,
+    BillingAdapter,
+    ClientSettings,
+    RateLimit,
+    Step,
+    StepContext,
+    StepRequest,
+)
+from kiki_billing.hub.errors import DeliveryError, RateLimitedError, TerminalError, TransientError
+from kiki_billing.models import Invoice
+from kiki_billing.money import to_minor_units
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A scripted failure of the next matching call.
+
+    Attributes:
+        kind: ``unavailable`` (503), ``throttled`` (429), ``reset`` (connection dropped),
+            ``invalid`` (400), ``auth`` (401).
+        after_write: The write happens before the failure (a lost response).
+        retry_after: Seconds for a throttle.
+        operation: Only calls of this operation (``create_invoice``, ``add_line``, ...).
+    """
+
+    kind: Literal["unavailable", "throttled", "reset", "invalid", "auth"]
+    after_write: bool = False
+    retry_after: float | None = None
+    operation: str | None = None
+
+
+class MemoryProviderError(Exception):
+    """What the in-memory provider raises; the adapter classifies it."""
+
+    def __init__(self, status: int | None, message: str, retry_after: float | None = None) -> None:
+        self.status = status
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+@dataclass
+class MemoryBillingSystem:
+    """The provider: customers and invoices, an idempotency store and a fault script."""
+
+    customers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calls: list[tuple[str, str | None]] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    _replies: dict[str, Any] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def call(self, operation: str, key: str | None, write: Any) -> Any:
+        """Run ``write()`` once per key, with any scripted fault for this call."""
+        with self._lock:
+            self.calls.append((operation, key))
+            fault = next((f for f in self.faults if f.operation in (None, operation)), None)
+            if fault is not None:
+                self.faults.remove(fault)
+            if fault is not None and not fault.after_write:
+                raise self._error(fault)
+            if key is not None and key in self._replies:
+                reply = self._replies[key]
+            else:
+                reply = write()
+                if key is not None:
+                    self._replies[key] = reply
+            if fault is not None:
+                raise self._error(fault)
+            return reply
+
+    def new_id(self, prefix: str) -> str:
+        """A fresh provider id."""
+        return f"{prefix}_{next(self._ids)}"
+
+    @staticmethod
+    def _error(fault: Fault) -> MemoryProviderError:
+        status = {"unavailable": 503, "throttled": 429, "reset": None, "invalid": 400, "auth": 401}
+        return MemoryProviderError(status[fault.kind], f"scripted {fault.kind}", fault.retry_after)
+
+    def invoices_numbered(self, number: str) -> list[dict[str, Any]]:
+        """Every invoice upstream that carries ``number`` (more than one is a duplicate)."""
+        return [inv for inv in self.invoices.values() if inv["number"] == number]
+
+
+class MemorySettings(AdapterSettings):
+    """``KIKI_MEMORY_*``."""
+
+    model_config = SettingsConfigDict(env_prefix="KIKI_MEMORY_", extra="ignore", frozen=True)
+
+
+class MemoryClientSettings(ClientSettings):
+    """``[clients.memory]``."""
+
+    customer: str | None = None
+
+
+class MemoryAdapter(BillingAdapter):
+    """Delivers to a :class:`MemoryBillingSystem` (tests and adapter authors)."""
+
+    name = "memory"
+    settings_model = MemorySettings
+    client_settings_model = MemoryClientSettings
+    client_refs = ("customer_id",)
+    default_rate_limit: ClassVar[RateLimit] = RateLimit(per_second=1000.0, burst=100, concurrency=4)
+    system: ClassVar[MemoryBillingSystem] = MemoryBillingSystem()
+
+    def __init__(
+        self, settings: AdapterSettings | None = None, system: MemoryBillingSystem | None = None
+    ) -> None:
+        super().__init__(settings or MemorySettings())
+        self.provider = system or type(self).system
+
+    def steps(self, invoice: Invoice, client: ClientSettings) -> Sequence[Step]:
+        """customer, draft, one step per line, finalize."""
+        assert isinstance(client, MemoryClientSettings)
+        p = self.provider
+
+        def customer(ctx: StepContext) -> Mapping[str, str]:
+            def write() -> str:
+                cid = p.new_id("cus")
+                p.customers[cid] = {"client_id": invoice.client_id}
+                return cid
+
+            return {"customer_id": p.call("create_customer", ctx.idempotency_key, write)}
+
+        def skip_customer(ctx: StepContext) -> Mapping[str, str] | None:
+            known = client.customer or ctx.refs.get("customer_id")
+            return {"customer_id": known} if known else None
+
+        def draft(ctx: StepContext) -> Mapping[str, str]:
+            def write() -> str:
+                iid = p.new_id("inv")
+                p.invoices[iid] = {
+                    "number": invoice.number,
+                    "customer": ctx.refs["customer_id"],
+                    "lines": {},
+                    "status": "draft",
+                }
+                return iid
+
+            return {"invoice_id": p.call("create_invoice", ctx.idempotency_key, write)}
+
+        def find_draft(ctx: StepContext) -> Mapping[str, str] | None:
+            p.calls.append(("find_invoice", None))
+            for iid, inv in p.invoices.items():
+                if inv["number"] == invoice.number:
+                    return {"invoice_id": iid}
+            return None
+
+        def line_step(line_no: int, amount_minor: int) -> Step:
+            def send(ctx: StepContext) -> Mapping[str, str]:
+                def write() -> str:
+                    p.invoices[ctx.refs["invoice_id"]]["lines"][line_no] = amount_minor
+                    return f"line_{line_no}"
+
+                return {f"line_{line_no}": p.call("add_line", ctx.idempotency_key, write)}
+
+            return Step(
+                f"line-{line_no}",
+                request=lambda ctx: StepRequest(
+                    "POST",
+                    "/lines",
+                    {"invoice": ctx.refs.get("invoice_id", "{invoice_id}"), "amount": amount_minor},
+                ),
+                send=send,
+            )
+
+        def finalize(ctx: StepContext) -> Mapping[str, str]:
+            def write() -> str:
+                p.invoices[ctx.refs["invoice_id"]]["status"] = "open"
+                return "open"
+
+            return {"status": p.call("finalize", ctx.idempotency_key, write)}
+
+        return [
+            Step(
+                "customer",
+                request=lambda ctx: StepRequest(
+                    "POST", "/customers", {"client": invoice.client_id}
+                ),
+                send=customer,
+                skip=skip_customer,
+            ),
+            Step(
+                "draft",
+                request=lambda ctx: StepRequest(
+                    "POST",
+                    "/invoices",
+                    {
+                        "number": invoice.number,
+                        "customer": ctx.refs.get("customer_id", "{customer_id}"),
+                    },
+                ),
+                send=draft,
+                lookup=find_draft,
+            ),
+            *(
+                line_step(line.line_no, to_minor_units(line.fee, invoice.currency))
+                for line in invoice.lines
+            ),
+            Step(
+                "finalize",
+                request=lambda ctx: StepRequest(
+                    "POST", f"/invoices/{ctx.refs.get('invoice_id', '{invoice_id}')}/finalize"
+                ),
+                send=finalize,
+            ),
+        ]
+
+    def classify(self, error: Exception) -> DeliveryError:
+        """429 -> rate limited, 5xx and dropped connections -> transient, other -> terminal."""
+        if isinstance(error, MemoryProviderError):
+            if error.status == 429:
+                return RateLimitedError(str(error), status=429, retry_after=error.retry_after)
+            if error.status is None or error.status >= 500:
+                return TransientError(str(error), status=error.status)
+            return TerminalError(str(error), status=error.status)
+        return TerminalError(f"{type(error).__name__}: {error}")

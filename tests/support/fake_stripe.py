@@ -1,0 +1,2354 @@
+"""A local, stateful, Stripe-compatible fake server that honours ``Idempotency-Key``.
+
+It speaks the part of Stripe's v1 REST API (API version 2023-08-16) that an invoicing client uses:
+customers, draft invoices, invoice items, finalize, pay, send, void. Responses are shaped like
+Stripe's (checked against the OpenAPI spec in ``tests/test_support_fake_stripe.py``), errors are
+``{"error": {"type", "message", "param", "code"}}``, and every response has a ``Request-Id``.
+
+Idempotency works as Stripe documents it for v1: the first result for a key (per API key) is kept
+and replayed with ``Idempotent-Replayed: true``; the same key with other parameters or another
+endpoint is a 400 ``idempotency_error``; the same key while the first request is still running is
+a 409 ``idempotency_error``. Results are kept only once the endpoint has started executing:
+validation errors (4xx) and 429s are not kept, 2xx, 402 (card errors) and 5xx are.
+
+Faults can be queued for the next N requests matching a method and path (prefix, or a glob with
+``*``): an error status (503, 429 with ``Retry-After``, 500 with ``Stripe-Should-Retry: false``,
+402 card error, 400), a dropped connection (TCP reset, no response) or a delay, each either before
+the operation runs or after it has run (a lost response). See :class:`Fault`.
+
+Use it in-process::
+
+    with FakeStripe(rate_limit=None, latency=0.0) as fake:
+        client = fake.stripe_client()          # or any HTTP client on fake.url
+        fake.inject_503("POST", "/v1/invoices", after=True)
+        ...
+        fake.state()["invoices"]
+
+or as a process (tests wait for the ready file, then stop it by its pid)::
+
+    python -m tests.support.fake_stripe --port 0 --rate-limit 100 --latency 0.05 \\
+        --ready-file /tmp/fake.url
+
+Control endpoints (no auth) live under ``/_fake/``: ``GET state``, ``POST reset``,
+``GET|POST|DELETE faults``, ``POST config``, ``GET health``.
+
+Not modelled: Stripe's other endpoints and parameters (a parameter the spec allows but this fake
+does not model is rejected with a message saying so), taxes, discounts, webhooks, automatic
+collection (an ``auto_advance`` invoice stays ``open`` until ``/pay``), payment failures other
+than injected ones, three-decimal-currency rules, and key expiry after 24 h.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import dataclasses
+import fnmatch
+import http.server
+import json
+import os
+import random
+import re
+import signal
+import socket
+import string
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+from .stripe_spec import (
+    FormDecodeError,
+    Problem,
+    SpecViolation,
+    as_list,
+    decode_form,
+    request_problems,
+)
+
+__all__ = [
+    "API_VERSION",
+    "FakeResponse",
+    "FakeStripe",
+    "FakeStripeApp",
+    "Fault",
+    "StripeAPIError",
+    "main",
+    "spawn_fake_stripe",
+]
+
+API_VERSION = "2023-08-16"
+MAX_INVOICE_ITEMS = 250
+MAX_AMOUNT = 99_999_999
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_METADATA_KEYS = 50
+_ALPHANUM = string.ascii_letters + string.digits
+
+JSON = dict[str, Any]
+
+
+# ============================================================================================
+# Errors and responses
+# ============================================================================================
+
+
+class StripeAPIError(Exception):
+    """An error the fake answers with, in Stripe's ``{"error": {...}}`` shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        decline_code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.decline_code = decline_code
+        self.headers = dict(headers or {})
+
+    def body(self) -> JSON:
+        """The JSON body Stripe would send."""
+        error: JSON = {"type": self.type, "message": self.message}
+        if self.code:
+            error["code"] = self.code
+            error["doc_url"] = f"https://stripe.com/docs/error-codes/{self.code.replace('_', '-')}"
+        if self.param:
+            error["param"] = self.param
+        if self.decline_code:
+            error["decline_code"] = self.decline_code
+        return {"error": error}
+
+    def response(self) -> FakeResponse:
+        """This error as a response."""
+        return FakeResponse(self.status, self.body(), dict(self.headers))
+
+
+@dataclass
+class FakeResponse:
+    """What the HTTP layer sends: a status and a JSON body, or nothing (``drop``)."""
+
+    status: int
+    body: JSON | None
+    headers: dict[str, str] = field(default_factory=dict)
+    drop: bool = False
+    """Close the connection with a TCP reset instead of answering."""
+
+    @classmethod
+    def dropped(cls) -> FakeResponse:
+        """A "connection reset" outcome."""
+        return cls(0, None, drop=True)
+
+    def copy(self) -> FakeResponse:
+        """A deep copy (stored idempotent results must not change afterwards)."""
+        body = None if self.body is None else json.loads(json.dumps(self.body))
+        return FakeResponse(self.status, body, dict(self.headers), self.drop)
+
+
+def _storable(response: FakeResponse) -> bool:
+    """Whether Stripe keeps this result under the idempotency key.
+
+    Kept: successes, card errors (402, raised after the endpoint started) and server errors.
+    Not kept: validation errors and other 4xx, and 429 (the client may fix and retry).
+    """
+    return not response.drop and (
+        response.status < 400 or response.status in (402,) or response.status >= 500
+    )
+
+
+# ============================================================================================
+# Faults
+# ============================================================================================
+
+FaultKind = Literal["error", "drop", "delay"]
+
+
+@dataclass
+class Fault:
+    """A fault applied to the next ``times`` requests whose method and path match.
+
+    ``path`` is a prefix (``/v1/invoices`` also matches ``/v1/invoices/in_1/pay``), or an
+    ``fnmatch`` glob if it contains ``*`` (``/v1/invoices/*/pay``). ``method`` ``*`` matches all.
+
+    ``after=False`` fails the request before the operation runs; ``after=True`` runs the
+    operation (and stores its result under the idempotency key) and then fails the response,
+    which is how a lost response looks to the client.
+
+    ``store`` decides whether an ``error`` fault's own response is kept under the idempotency key
+    (default: yes for 500 and 402, which Stripe produces after the endpoint started; no for
+    503/502/504/429/400, which model a proxy or a throttle in front of it).
+    """
+
+    kind: FaultKind = "error"
+    method: str = "*"
+    path: str = "/v1/"
+    times: int = 1
+    after: bool = False
+    status: int = 503
+    error_type: str = "api_error"
+    message: str = "The server is temporarily unavailable (injected by the kiki fake)."
+    code: str | None = None
+    param: str | None = None
+    decline_code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    store: bool | None = None
+    seconds: float = 0.0
+    """For ``delay``: how long to hold the request (the idempotency key stays in flight)."""
+    id: int = 0
+    hits: int = 0
+
+    PRESETS: ClassVar[tuple[str, ...]] = ("503", "429", "500", "card_error", "400", "drop", "delay")
+
+    def matches(self, method: str, path: str) -> bool:
+        """Whether this fault applies to a request."""
+        if self.method != "*" and self.method.upper() != method.upper():
+            return False
+        if "*" in self.path:
+            return fnmatch.fnmatchcase(path, self.path)
+        return path.startswith(self.path)
+
+    def stored(self) -> bool:
+        """Whether an ``error`` fault's response is kept under the idempotency key."""
+        if self.store is not None:
+            return self.store
+        return self.kind == "error" and self.status in (500, 402)
+
+    def response(self) -> FakeResponse:
+        """The response an ``error`` fault sends."""
+        return StripeAPIError(
+            self.status,
+            self.message,
+            type=self.error_type,
+            code=self.code,
+            param=self.param,
+            decline_code=self.decline_code,
+            headers=self.headers,
+        ).response()
+
+    def to_json(self) -> JSON:
+        """A JSON-friendly description."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Fault:
+        """Build a fault from ``/_fake/faults`` JSON.
+
+        Either the field names, or ``preset`` (``503``, ``429``, ``500``, ``card_error``,
+        ``400``, ``drop``, ``delay``) plus that preset's arguments (``retry_after``,
+        ``should_retry``, ``seconds``, ...), e.g. ``{"preset": "429", "retry_after": 2}``.
+        """
+        data = dict(data)
+        preset = data.pop("preset", None)
+        names = {f.name for f in dataclasses.fields(cls)} - {"id", "hits"}
+        if preset is not None:
+            names |= {"retry_after", "should_retry"}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown fault fields: {sorted(unknown)}")
+        if preset is None:
+            return cls(**data)
+        builders: dict[str, Callable[..., Fault]] = {
+            "503": cls.service_unavailable,
+            "429": cls.rate_limited,
+            "500": cls.server_error,
+            "card_error": cls.card_error,
+            "400": cls.invalid_request,
+            "drop": cls.connection_drop,
+            "delay": cls.delay,
+        }
+        if str(preset) not in builders:
+            raise ValueError(f"unknown preset {preset!r}; one of {list(builders)}")
+        return builders[str(preset)](**data)
+
+    # -- presets -------------------------------------------------------------------------
+
+    @classmethod
+    def service_unavailable(cls, method: str = "*", path: str = "/v1/", **kw: Any) -> Fault:
+        """503 ``api_error`` (not stored; with ``after=True`` the operation did happen)."""
+        return cls("error", method, path, status=503, **kw)
+
+    @classmethod
+    def rate_limited(
+        cls, method: str = "*", path: str = "/v1/", *, retry_after: float | None = 1, **kw: Any
+    ) -> Fault:
+        """429 ``rate_limit`` with a ``Retry-After`` header (None: no header, as Stripe)."""
+        headers = dict(kw.pop("headers", {}))
+        if retry_after is not None:
+            headers["Retry-After"] = _format_seconds(retry_after)
+        kw.setdefault(
+            "message",
+            "Request rate limit exceeded. Learn more about rate limits "
+            "here https://stripe.com/docs/rate-limits.",
+        )
+        return cls(
+            "error",
+            method,
+            path,
+            status=429,
+            error_type="invalid_request_error",
+            code="rate_limit",
+            headers=headers,
+            **kw,
+        )
+
+    @classmethod
+    def server_error(
+        cls,
+        method: str = "*",
+        path: str = "/v1/",
+        *,
+        should_retry: bool | None = False,
+        **kw: Any,
+    ) -> Fault:
+        """500 ``api_error`` with ``Stripe-Should-Retry`` (stored under the key, as Stripe)."""
+        headers = dict(kw.pop("headers", {}))
+        if should_retry is not None:
+            headers["Stripe-Should-Retry"] = "true" if should_retry else "false"
+        kw.setdefault("message", "An unknown error occurred (injected by the kiki fake).")
+        return cls("error", method, path, status=500, headers=headers, **kw)
+
+    @classmethod
+    def card_error(
+        cls,
+        method: str = "POST",
+        path: str = "/v1/invoices/*/pay",
+        *,
+        code: str = "card_declined",
+        decline_code: str | None = "generic_decline",
+        **kw: Any,
+    ) -> Fault:
+        """402 ``card_error`` (stored under the key)."""
+        kw.setdefault("message", "Your card was declined.")
+        return cls(
+            "error",
+            method,
+            path,
+            status=402,
+            error_type="card_error",
+            code=code,
+            decline_code=decline_code,
+            **kw,
+        )
+
+    @classmethod
+    def invalid_request(
+        cls, method: str = "*", path: str = "/v1/", *, status: int = 400, **kw: Any
+    ) -> Fault:
+        """400 (or another 4xx) ``invalid_request_error`` (not stored)."""
+        kw.setdefault("message", "Invalid request (injected by the kiki fake).")
+        return cls("error", method, path, status=status, error_type="invalid_request_error", **kw)
+
+    @classmethod
+    def connection_drop(cls, method: str = "*", path: str = "/v1/", **kw: Any) -> Fault:
+        """Reset the connection without a response (``after=True``: once the work is done)."""
+        return cls("drop", method, path, **kw)
+
+    @classmethod
+    def delay(
+        cls, method: str = "*", path: str = "/v1/", *, seconds: float = 1.0, **kw: Any
+    ) -> Fault:
+        """Hold the request ``seconds`` (``after=True``: after the work, before responding)."""
+        return cls("delay", method, path, seconds=seconds, **kw)
+
+
+def _format_seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+class TokenBucket:
+    """A thread-safe token bucket: ``rate`` requests per second, bursts up to ``burst``."""
+
+    def __init__(
+        self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = float(rate)
+        self.capacity = float(burst if burst is not None else max(1.0, rate))
+        self._tokens = self.capacity
+        self._clock = clock
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        """Take a token if one is available."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return True
+            return False
+
+
+# ============================================================================================
+# Requests, parameters and records
+# ============================================================================================
+
+
+@dataclass
+class ApiRequest:
+    """A parsed ``/v1`` request as the endpoint handlers see it."""
+
+    method: str
+    path: str
+    path_params: dict[str, str]
+    params: JSON
+    api_key: str
+    idempotency_key: str | None
+    stripe_version: str
+
+
+@dataclass
+class RecordedRequest:
+    """One request the fake received (``/_fake`` control requests are not recorded)."""
+
+    method: str
+    path: str
+    query: str
+    idempotency_key: str | None
+    request_id: str
+    route: str | None
+    stripe_version: str | None
+    time: float
+    status: int | None = None
+    """None while running; 0 when the connection was dropped."""
+    replayed: bool = False
+    fault: str | None = None
+
+
+class Params:
+    """Typed access to decoded form parameters, raising Stripe-like 400s.
+
+    Args:
+        data: decoded parameters.
+        modelled: the parameter names the endpoint implements; others are rejected.
+    """
+
+    def __init__(self, data: Mapping[str, Any], modelled: set[str]) -> None:
+        self.data = data
+        unknown = sorted(set(data) - modelled - {"expand"})
+        if unknown:
+            raise StripeAPIError(
+                400,
+                f"Received unknown parameter: {unknown[0]} (the kiki fake models only: "
+                f"{', '.join(sorted(modelled))})",
+                code="parameter_unknown",
+                param=unknown[0],
+            )
+
+    def _scalar(self, name: str) -> str | None:
+        value = self.data.get(name)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise StripeAPIError(
+                400, f"Invalid {name}: must be a string", param=name, code="parameter_invalid"
+            )
+        return value
+
+    def text(self, name: str, *, required: bool = False, max_length: int = 5000) -> str | None:
+        """A string parameter (empty means unset)."""
+        value = self._scalar(name)
+        if value is None:
+            if required:
+                raise _missing(name)
+            return None
+        if len(value) > max_length:
+            raise StripeAPIError(
+                400,
+                f"Invalid {name}: must be at most {max_length} characters",
+                param=name,
+                code="parameter_invalid_string_too_long",
+            )
+        return value
+
+    def integer(
+        self,
+        name: str,
+        *,
+        required: bool = False,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int | None:
+        """An integer parameter; ``"10.5"`` or ``"abc"`` is an error."""
+        value = self._scalar(name)
+        if value is None:
+            if required:
+                raise _missing(name)
+            return None
+        if not re.fullmatch(r"[+-]?\d+", value):
+            raise StripeAPIError(
+                400, f"Invalid integer: {value}", param=name, code="parameter_invalid_integer"
+            )
+        number = int(value)
+        if minimum is not None and number < minimum:
+            raise StripeAPIError(400, f"Invalid {name}: must be at least {minimum}", param=name)
+        if maximum is not None and number > maximum:
+            raise StripeAPIError(400, f"Invalid {name}: must be at most {maximum}", param=name)
+        return number
+
+    def decimal(self, name: str) -> Decimal | None:
+        """A decimal-string parameter (``unit_amount_decimal``)."""
+        value = self._scalar(name)
+        if value is None:
+            return None
+        try:
+            number = Decimal(value)
+        except InvalidOperation:
+            raise StripeAPIError(400, f"Invalid decimal: {value}", param=name) from None
+        if not number.is_finite():
+            raise StripeAPIError(400, f"Invalid decimal: {value}", param=name)
+        return number
+
+    def boolean(self, name: str) -> bool | None:
+        """A boolean parameter, ``true`` or ``false``."""
+        value = self._scalar(name)
+        if value is None:
+            return None
+        if value not in ("true", "false"):
+            raise StripeAPIError(400, f"Invalid boolean: {value}", param=name)
+        return value == "true"
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str | None:
+        """One of ``choices``."""
+        value = self._scalar(name)
+        if value is not None and value not in choices:
+            raise StripeAPIError(
+                400,
+                f"Invalid {name}: must be one of {', '.join(choices[:-1])} or {choices[-1]}",
+                param=name,
+            )
+        return value
+
+    def metadata(self) -> dict[str, str]:
+        """``metadata[key]=value`` pairs; empty values mean "not set"."""
+        value = self.data.get("metadata")
+        if value is None or value == "":
+            return {}
+        if not isinstance(value, dict):
+            raise StripeAPIError(400, "Invalid metadata: must be an object", param="metadata")
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            if not isinstance(item, str):
+                raise StripeAPIError(
+                    400, f"Invalid metadata[{key}]: must be a string", param=f"metadata[{key}]"
+                )
+            if len(key) > 40:
+                raise StripeAPIError(
+                    400, "Metadata keys can have up to 40 characters", param=f"metadata[{key}]"
+                )
+            if len(item) > 500:
+                raise StripeAPIError(
+                    400, "Metadata values can have up to 500 characters", param=f"metadata[{key}]"
+                )
+            if item != "":
+                out[key] = item
+        if len(out) > MAX_METADATA_KEYS:
+            raise StripeAPIError(
+                400, "Invalid metadata: metadata can have up to 50 keys", param="metadata"
+            )
+        return out
+
+    def expand(self) -> list[str]:
+        """The ``expand[]`` list."""
+        value = self.data.get("expand")
+        if value is None:
+            return []
+        items = as_list(value) if not isinstance(value, str) else [value]
+        if items is None or not all(isinstance(i, str) for i in items):
+            raise StripeAPIError(400, "Invalid expand: must be a list of strings", param="expand")
+        return items
+
+
+def _missing(name: str) -> StripeAPIError:
+    return StripeAPIError(
+        400, f"Missing required param: {name}.", code="parameter_missing", param=name
+    )
+
+
+def _no_such(kind: str, object_id: str, param: str = "id", status: int = 404) -> StripeAPIError:
+    return StripeAPIError(
+        status, f"No such {kind}: '{object_id}'", code="resource_missing", param=param
+    )
+
+
+def _problem_error(problem: Problem) -> StripeAPIError:
+    """A spec problem as the 400 Stripe would send."""
+    param = problem.param or None
+    if problem.kind == "unknown":
+        return StripeAPIError(
+            400,
+            f"Received unknown parameter: {problem.param}",
+            code="parameter_unknown",
+            param=param,
+        )
+    if problem.kind == "missing":
+        return _missing(problem.param)
+    if problem.kind == "type" and problem.expected == "integer":
+        return StripeAPIError(
+            400, f"Invalid integer: {problem.value}", code="parameter_invalid_integer", param=param
+        )
+    if problem.kind == "enum" and isinstance(problem.expected, list) and problem.expected:
+        choices = [str(c) for c in problem.expected]
+        listed = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+        return StripeAPIError(400, f"Invalid {problem.param}: must be one of {listed}", param=param)
+    return StripeAPIError(
+        400, f"Invalid {problem.param or 'request'}: {problem.message}", param=param
+    )
+
+
+# ============================================================================================
+# State
+# ============================================================================================
+
+
+@dataclass
+class _IdempotencyEntry:
+    fingerprint: tuple[str, str, str]
+    """(method, path, canonical JSON of the parameters)."""
+    request_id: str
+    response: FakeResponse | None = None
+    """None while the first request is in flight."""
+
+
+class FakeStripeState:
+    """Everything the fake remembers. Callers hold :attr:`lock` around any access."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.lock = threading.RLock()
+        self._seed = seed
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every object, key, recorded request and fault."""
+        with self.lock:
+            self.rng = random.Random(self._seed)
+            self.customers: dict[str, JSON] = {}
+            self.invoices: dict[str, JSON] = {}
+            """Invoice JSON without ``lines`` (rendered from :attr:`invoice_lines`)."""
+            self.invoice_items: dict[str, JSON] = {}
+            self.invoice_lines: dict[str, list[JSON]] = {}
+            self.sequence: dict[str, int] = {}
+            """Object id -> creation order (tie-break for "newest first")."""
+            self.created_at: dict[str, float] = {}
+            """Object id -> exact creation time (for the simulated search lag)."""
+            self.sent: Counter[str] = Counter()
+            """Invoice id -> number of ``/send`` calls."""
+            self.days_until_due: dict[str, int] = {}
+            """Invoice id -> ``days_until_due`` (not a field of Stripe's invoice object)."""
+            self.idempotency: dict[tuple[str, str], _IdempotencyEntry] = {}
+            self.requests: list[RecordedRequest] = []
+            self.faults: list[Fault] = []
+            self._fault_ids = 0
+            self._counter = 0
+
+    def new_id(self, prefix: str, length: int = 24) -> str:
+        """A Stripe-looking id, unique in this state (deterministic under a seed)."""
+        while True:
+            candidate = prefix + "".join(self.rng.choice(_ALPHANUM) for _ in range(length))
+            if candidate not in self.sequence:
+                return candidate
+
+    def register(self, object_id: str, now: float) -> None:
+        """Record the creation order and time of a new object."""
+        self._counter += 1
+        self.sequence[object_id] = self._counter
+        self.created_at[object_id] = now
+
+    def add_fault(self, fault: Fault) -> Fault:
+        """Queue a fault (faults are matched in the order they were added)."""
+        if fault.kind not in ("error", "drop", "delay"):
+            raise ValueError(f"unknown fault kind {fault.kind!r}")
+        if fault.times < 1:
+            raise ValueError("times must be >= 1")
+        self._fault_ids += 1
+        fault.id = self._fault_ids
+        self.faults.append(fault)
+        return fault
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        """Consume one use of the first fault that matches, if any."""
+        for fault in self.faults:
+            if fault.matches(method, path):
+                fault.hits += 1
+                fault.times -= 1
+                if fault.times <= 0:
+                    self.faults.remove(fault)
+                return fault
+        return None
+
+
+# ============================================================================================
+# Routing
+# ============================================================================================
+
+Handler = Callable[["FakeStripeApp", ApiRequest], JSON]
+
+
+@dataclass(frozen=True)
+class Route:
+    """``method`` + path ``template`` (``/v1/invoices/{invoice}/pay``) -> handler."""
+
+    method: str
+    template: str
+    handler: Handler
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        """The compiled template."""
+        return _compile_template(self.template)
+
+
+_TEMPLATE_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def _compile_template(template: str) -> re.Pattern[str]:
+    pattern = _TEMPLATE_CACHE.get(template)
+    if pattern is None:
+        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
+        pattern = _TEMPLATE_CACHE[template] = re.compile(regex)
+    return pattern
+
+
+class Router:
+    """A table of routes; literal segments win over ``{placeholders}``."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = sorted(routes, key=lambda r: r.template.count("{"))
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        """The route and its path parameters, or None."""
+        for route in self.routes:
+            if route.method != method:
+                continue
+            found = route.pattern.fullmatch(path)
+            if found is not None:
+                return route, found.groupdict()
+        return None
+
+
+# ============================================================================================
+# The application (HTTP-independent)
+# ============================================================================================
+
+
+class FakeStripeApp:
+    """Request handling, idempotency, faults and the Stripe endpoints, without any HTTP.
+
+    Args:
+        rate_limit: requests per second over all ``/v1`` traffic (None: unlimited).
+        burst: token-bucket size (default: ``rate_limit``).
+        rate_limit_retry_after: send ``Retry-After`` with rate-limit 429s (Stripe does not).
+        latency: seconds added to every ``/v1`` request (outside the state lock).
+        search_lag: objects younger than this are invisible to ``/search`` (Stripe's search is
+            not read-after-write).
+        spec_check: reject requests that Stripe's OpenAPI spec rejects, with Stripe's messages.
+        seed: make ids deterministic.
+        clock: wall-clock source for ``created`` and the other timestamps.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate_limit: float | None = None,
+        burst: float | None = None,
+        rate_limit_retry_after: float | None = None,
+        latency: float = 0.0,
+        search_lag: float = 0.0,
+        spec_check: bool = True,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state = FakeStripeState(seed)
+        self.clock = clock
+        self.latency = latency
+        self.search_lag = search_lag
+        self.spec_check = spec_check
+        self.rate_limit_retry_after = rate_limit_retry_after
+        self.bucket: TokenBucket | None = None
+        self.configure(rate_limit=rate_limit, burst=burst)
+        self.router = Router(ROUTES)
+        self.base_url = "http://127.0.0.1"
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def configure(self, **settings: Any) -> None:
+        """Change ``rate_limit``/``burst``/``rate_limit_retry_after``/``latency``/
+        ``search_lag``/``spec_check`` at run time.
+        """
+        known = {
+            "rate_limit",
+            "burst",
+            "rate_limit_retry_after",
+            "latency",
+            "search_lag",
+            "spec_check",
+        }
+        unknown = set(settings) - known
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}")
+        if "rate_limit" in settings or "burst" in settings:
+            rate = settings.get("rate_limit", self.bucket.rate if self.bucket else None)
+            burst = settings.get("burst")
+            self.bucket = TokenBucket(rate, burst) if rate else None
+        for name in ("rate_limit_retry_after", "latency", "search_lag", "spec_check"):
+            if name in settings:
+                setattr(self, name, settings[name])
+
+    def config(self) -> JSON:
+        """The current settings."""
+        return {
+            "rate_limit": self.bucket.rate if self.bucket else None,
+            "burst": self.bucket.capacity if self.bucket else None,
+            "rate_limit_retry_after": self.rate_limit_retry_after,
+            "latency": self.latency,
+            "search_lag": self.search_lag,
+            "spec_check": self.spec_check,
+        }
+
+    # -- entry point ---------------------------------------------------------------------
+
+    def handle(
+        self, method: str, target: str, headers: Mapping[str, str], body: bytes
+    ) -> FakeResponse:
+        """Answer one HTTP request (``headers`` keys are matched case-insensitively)."""
+        method = method.upper()
+        lowered = {k.lower(): v for k, v in headers.items()}
+        parts = urlsplit(target)
+        request_id = "req_" + "".join(random.choices(_ALPHANUM, k=14))
+        if parts.path.startswith("/_fake/"):
+            response = self._control(method, parts.path, body)
+        else:
+            if self.latency > 0:
+                time.sleep(self.latency)
+            response = self._api(method, parts.path, parts.query, lowered, body, request_id)
+        response.headers.setdefault("Request-Id", request_id)
+        if not parts.path.startswith("/_fake/"):
+            response.headers.setdefault(
+                "Stripe-Version", lowered.get("stripe-version") or API_VERSION
+            )
+            if method == "POST" and "idempotency-key" in lowered:
+                response.headers.setdefault("Idempotency-Key", lowered["idempotency-key"])
+        return response
+
+    def _api(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        request_id: str,
+    ) -> FakeResponse:
+        """The ``/v1`` pipeline: record, auth, route, rate limit, parse, faults, idempotency."""
+        key = headers.get("idempotency-key") if method == "POST" else None
+        matched = self.router.match(method, path)
+        record = RecordedRequest(
+            method,
+            path,
+            query,
+            key,
+            request_id,
+            matched[0].template if matched else None,
+            headers.get("stripe-version"),
+            self.clock(),
+        )
+        with self.state.lock:
+            self.state.requests.append(record)
+        try:
+            response = self._api_inner(method, path, query, headers, body, key, matched, record)
+        except StripeAPIError as exc:
+            response = exc.response()
+        record.status = 0 if response.drop else response.status
+        return response
+
+    def _api_inner(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        key: str | None,
+        matched: tuple[Route, dict[str, str]] | None,
+        record: RecordedRequest,
+    ) -> FakeResponse:
+        api_key = _authenticate(headers)
+        if matched is None:
+            raise StripeAPIError(
+                404,
+                f"Unrecognized request URL ({method}: {path}). Please see "
+                "https://stripe.com/docs or we can help at https://support.stripe.com/.",
+            )
+        route, path_params = matched
+        if self.bucket is not None and not self.bucket.allow():
+            raise StripeAPIError(
+                429,
+                "Request rate limit exceeded. Learn more about rate limits here "
+                "https://stripe.com/docs/rate-limits.",
+                code="rate_limit",
+                headers=(
+                    {"Retry-After": _format_seconds(self.rate_limit_retry_after)}
+                    if self.rate_limit_retry_after is not None
+                    else None
+                ),
+            )
+        if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+            raise StripeAPIError(
+                400,
+                "Invalid Idempotency-Key: it must be 1 to "
+                f"{MAX_IDEMPOTENCY_KEY_LENGTH} characters long.",
+            )
+        params = self._parse(method, path, query, body)
+        request = ApiRequest(
+            method,
+            path,
+            path_params,
+            params,
+            api_key,
+            key,
+            headers.get("stripe-version") or API_VERSION,
+        )
+
+        with self.state.lock:
+            fault = self.state.take_fault(method, path)
+        if fault is not None:
+            label = str(fault.status) if fault.kind == "error" else fault.kind
+            record.fault = label + (":after" if fault.after else "")
+            if not fault.after and fault.kind == "drop":
+                return FakeResponse.dropped()
+            if not fault.after and fault.kind == "error" and not fault.stored():
+                return fault.response()
+
+        scope = (api_key, key) if key is not None else None
+        if scope is not None:
+            fingerprint = (method, path, json.dumps(params, sort_keys=True))
+            replay = self._idempotency_begin(scope, fingerprint, record)
+            if replay is not None:
+                if fault is not None and fault.after and fault.kind == "drop":
+                    return FakeResponse.dropped()
+                if fault is not None and fault.after and fault.kind == "error":
+                    return fault.response()
+                return replay
+        stored: FakeResponse | None = None
+        try:
+            if fault is not None and fault.kind == "delay" and not fault.after:
+                time.sleep(fault.seconds)
+            if fault is not None and fault.kind == "error" and not fault.after:
+                result = fault.response()  # a stored fault: the endpoint "started" and failed
+            else:
+                result = self._execute(route, request)
+            sent = result
+            if fault is not None and fault.after:
+                if fault.kind == "drop":
+                    sent = FakeResponse.dropped()
+                elif fault.kind == "error":
+                    sent = fault.response()
+                    if fault.stored():
+                        result = sent
+            stored = result if _storable(result) else None
+        finally:
+            if scope is not None:
+                self._idempotency_finish(scope, stored)
+        if fault is not None and fault.kind == "delay" and fault.after:
+            time.sleep(fault.seconds)
+        return sent
+
+    def _parse(self, method: str, path: str, query: str, body: bytes) -> JSON:
+        """Decode (and optionally spec-check) the query and the form body."""
+        try:
+            params = decode_form(query)
+            if method == "POST":
+                for name, value in decode_form(body).items():
+                    params[name] = value
+        except FormDecodeError as exc:
+            raise StripeAPIError(400, f"Invalid request: {exc}") from None
+        if self.spec_check:
+            url = f"{path}?{query}" if query else path
+            try:
+                _, problems = request_problems(method, url, body if method == "POST" else None)
+            except SpecViolation as exc:
+                raise StripeAPIError(400, f"Invalid request: {exc}") from None
+            if problems:
+                raise _problem_error(problems[0])
+        return params
+
+    def _execute(self, route: Route, request: ApiRequest) -> FakeResponse:
+        """Run the endpoint under the state lock; unexpected exceptions become a 500."""
+        try:
+            with self.state.lock:
+                body = route.handler(self, request)
+            return FakeResponse(200, body)
+        except StripeAPIError as exc:
+            return exc.response()
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            return StripeAPIError(
+                500,
+                "An unknown error occurred in the kiki fake (see its stderr).",
+                type="api_error",
+            ).response()
+
+    # -- idempotency ---------------------------------------------------------------------
+
+    def _idempotency_begin(
+        self, scope: tuple[str, str], fingerprint: tuple[str, str, str], record: RecordedRequest
+    ) -> FakeResponse | None:
+        """Replay a stored result, refuse a mismatch or a concurrent use, or take the key."""
+        with self.state.lock:
+            entry = self.state.idempotency.get(scope)
+            if entry is None:
+                self.state.idempotency[scope] = _IdempotencyEntry(fingerprint, record.request_id)
+                return None
+            if entry.response is None:
+                raise StripeAPIError(
+                    409,
+                    "There is currently another in-progress request using this "
+                    f"Idempotency-Key (that probably means you submitted twice, and the "
+                    f"other request is still going through): {scope[1]}. Please try again "
+                    "later.",
+                    type="idempotency_error",
+                    code="idempotency_key_in_use",
+                )
+            if entry.fingerprint[:2] != fingerprint[:2]:
+                raise StripeAPIError(
+                    400,
+                    "Keys for idempotent requests can only be used for the same endpoint "
+                    f"they were first used for ('{fingerprint[1]}' vs "
+                    f"'{entry.fingerprint[1]}'). Try using a key other than '{scope[1]}' "
+                    "if you meant to execute a different request.",
+                    type="idempotency_error",
+                )
+            if entry.fingerprint != fingerprint:
+                raise StripeAPIError(
+                    400,
+                    "Keys for idempotent requests can only be used with the same "
+                    "parameters they were first used with. Try using a key other than "
+                    f"'{scope[1]}' if you meant to execute a different request.",
+                    type="idempotency_error",
+                )
+            replay = entry.response.copy()
+            replay.headers["Idempotent-Replayed"] = "true"
+            replay.headers["Original-Request"] = entry.request_id
+            record.replayed = True
+            return replay
+
+    def _idempotency_finish(self, scope: tuple[str, str], result: FakeResponse | None) -> None:
+        """Store the result under the key, or release the key if it is not to be kept."""
+        with self.state.lock:
+            if result is None:
+                self.state.idempotency.pop(scope, None)
+            else:
+                self.state.idempotency[scope].response = result.copy()
+
+    # -- control endpoints ---------------------------------------------------------------
+
+    def _control(self, method: str, path: str, body: bytes) -> FakeResponse:
+        try:
+            payload: Any = json.loads(body) if body.strip() else {}
+        except ValueError:
+            return FakeResponse(400, {"error": "body must be JSON"})
+        try:
+            if (method, path) == ("GET", "/_fake/state"):
+                return FakeResponse(200, self.snapshot())
+            if (method, path) == ("GET", "/_fake/health"):
+                return FakeResponse(200, {"ok": True, "url": self.base_url})
+            if (method, path) == ("POST", "/_fake/reset"):
+                self.state.reset()
+                return FakeResponse(200, {"ok": True})
+            if path == "/_fake/faults":
+                with self.state.lock:
+                    if method == "POST":
+                        items = payload if isinstance(payload, list) else [payload]
+                        added = [self.state.add_fault(Fault.from_json(i)) for i in items]
+                        return FakeResponse(200, {"faults": [f.to_json() for f in added]})
+                    if method == "DELETE":
+                        self.state.faults.clear()
+                    return FakeResponse(200, {"faults": [f.to_json() for f in self.state.faults]})
+            if (method, path) == ("POST", "/_fake/config"):
+                self.configure(**payload)
+                return FakeResponse(200, self.config())
+        except (TypeError, ValueError) as exc:
+            return FakeResponse(400, {"error": str(exc)})
+        return FakeResponse(404, {"error": f"no control endpoint {method} {path}"})
+
+    def snapshot(self) -> JSON:
+        """Everything, as JSON: objects (invoices with all their lines), requests, counters."""
+        with self.state.lock:
+            st = self.state
+            invoices = []
+            for invoice_id in _newest_first(st, st.invoices):
+                rendered = self.render_invoice(st.invoices[invoice_id], all_lines=True)
+                invoices.append(rendered)
+            return json.loads(
+                json.dumps(
+                    {
+                        "customers": [st.customers[i] for i in _newest_first(st, st.customers)],
+                        "invoices": invoices,
+                        "invoice_items": [
+                            st.invoice_items[i] for i in _newest_first(st, st.invoice_items)
+                        ],
+                        "sent": dict(st.sent),
+                        "requests": [dataclasses.asdict(r) for r in st.requests],
+                        "request_log": [[r.method, r.path, r.idempotency_key] for r in st.requests],
+                        "requests_by_path": dict(
+                            Counter(f"{r.method} {r.path}" for r in st.requests)
+                        ),
+                        "requests_by_route": dict(
+                            Counter(f"{r.method} {r.route or r.path}" for r in st.requests)
+                        ),
+                        "idempotency_keys": len(st.idempotency),
+                        "faults": [f.to_json() for f in st.faults],
+                        "config": self.config(),
+                    }
+                )
+            )
+
+    # -- rendering -----------------------------------------------------------------------
+
+    def render_invoice(
+        self, invoice: JSON, *, expand: tuple[str, ...] = (), all_lines: bool = False
+    ) -> JSON:
+        """An invoice as Stripe returns it: ``lines`` is a list object (first 10 lines)."""
+        out = dict(invoice)
+        lines = self.state.invoice_lines[invoice["id"]]
+        shown = lines if all_lines else lines[:10]
+        out["lines"] = {
+            "object": "list",
+            "data": [dict(line) for line in shown],
+            "has_more": len(shown) < len(lines),
+            "total_count": len(lines),
+            "url": f"/v1/invoices/{invoice['id']}/lines",
+        }
+        if "customer" in expand:
+            out["customer"] = self.state.customers[invoice["customer"]]
+        return out
+
+    def render_item(self, item: JSON, expand: tuple[str, ...] = ()) -> JSON:
+        """An invoice item, optionally with ``customer``/``invoice`` expanded."""
+        out = dict(item)
+        if "customer" in expand:
+            out["customer"] = self.state.customers[item["customer"]]
+        if "invoice" in expand and item["invoice"]:
+            out["invoice"] = self.render_invoice(self.state.invoices[item["invoice"]])
+        return out
+
+
+def _authenticate(headers: Mapping[str, str]) -> str:
+    """Return the API key from ``Authorization`` (Bearer, or Basic ``key:``), or raise 401."""
+    value = headers.get("authorization", "").strip()
+    key = ""
+    if value.lower().startswith("bearer "):
+        key = value[7:].strip()
+    elif value.lower().startswith("basic "):
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+            key = base64.b64decode(value[6:].strip()).decode("utf-8").split(":", 1)[0]
+    if not key:
+        raise StripeAPIError(
+            401,
+            "You did not provide an API key. You need to provide your API key in the "
+            "Authorization header, using Bearer auth (e.g. 'Authorization: Bearer "
+            "YOUR_SECRET_KEY'). See https://stripe.com/docs/api#authentication for details, "
+            "or we can help at https://support.stripe.com/.",
+            headers={"WWW-Authenticate": 'Bearer realm="Stripe"'},
+        )
+    if not key.startswith(("sk_test_", "rk_test_")):
+        masked = key[:8] + "*" * max(0, len(key) - 12) + key[-4:]
+        raise StripeAPIError(
+            401,
+            f"Invalid API Key provided: {masked} (the kiki fake accepts "
+            "test-mode keys only: sk_test_... or rk_test_...)",
+            headers={"WWW-Authenticate": 'Bearer realm="Stripe"'},
+        )
+    return key
+
+
+# ============================================================================================
+# Endpoint handlers
+# ============================================================================================
+
+
+def _newest_first(state: FakeStripeState, objects: Mapping[str, JSON]) -> list[str]:
+    return sorted(
+        objects, key=lambda i: (objects[i].get("created", 0), state.sequence[i]), reverse=True
+    )
+
+
+def _check_expand(requested: list[str], allowed: set[str]) -> tuple[str, ...]:
+    for item in requested:
+        if item not in allowed:
+            raise StripeAPIError(400, f"This property cannot be expanded ({item}).", param="expand")
+    return tuple(requested)
+
+
+def _paginate(
+    app: FakeStripeApp,
+    ids: list[str],
+    p: Params,
+    url: str,
+    render: Callable[[str], JSON],
+    kind: str,
+) -> JSON:
+    """A Stripe list object over ``ids`` (already newest first)."""
+    limit = p.integer("limit", minimum=1, maximum=100) or 10
+    after, before = p.text("starting_after"), p.text("ending_before")
+    if after and before:
+        raise StripeAPIError(
+            400,
+            "You may only specify one of these parameters: ending_before, starting_after.",
+            param="ending_before",
+        )
+    if after is not None:
+        if after not in ids:
+            raise _no_such(kind, after, "starting_after", 400)
+        start = ids.index(after) + 1
+        page, has_more = ids[start : start + limit], start + limit < len(ids)
+    elif before is not None:
+        if before not in ids:
+            raise _no_such(kind, before, "ending_before", 400)
+        end = ids.index(before)
+        page, has_more = ids[max(0, end - limit) : end], end - limit > 0
+    else:
+        page, has_more = ids[:limit], limit < len(ids)
+    return {"object": "list", "data": [render(i) for i in page], "has_more": has_more, "url": url}
+
+
+def _get_customer(
+    app: FakeStripeApp, customer_id: str | None, param: str = "customer", status: int = 400
+) -> JSON:
+    if customer_id is None:
+        raise _missing(param)
+    customer = app.state.customers.get(customer_id)
+    if customer is None:
+        raise _no_such("customer", customer_id, param, status)
+    return customer
+
+
+def _get_invoice(
+    app: FakeStripeApp, invoice_id: str, param: str = "invoice", status: int = 404
+) -> JSON:
+    invoice = app.state.invoices.get(invoice_id)
+    if invoice is None:
+        raise _no_such("invoice", invoice_id, param, status)
+    return invoice
+
+
+def _currency(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not re.fullmatch(r"[A-Za-z]{3}", value):
+        raise StripeAPIError(
+            400, f"Invalid currency: {value}. Use a three-letter ISO code.", param="currency"
+        )
+    return value.lower()
+
+
+# -- customers -------------------------------------------------------------------------------
+
+
+def create_customer(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``POST /v1/customers``."""
+    p = Params(req.params, {"name", "email", "description", "metadata", "phone"})
+    _check_expand(p.expand(), set())
+    st, now = app.state, int(app.clock())
+    customer_id = st.new_id("cus_", 14)
+    customer: JSON = {
+        "id": customer_id,
+        "object": "customer",
+        "address": None,
+        "balance": 0,
+        "created": now,
+        "currency": None,
+        "default_source": None,
+        "delinquent": False,
+        "description": p.text("description"),
+        "discount": None,
+        "email": p.text("email", max_length=512),
+        "invoice_prefix": "".join(
+            st.rng.choice(string.ascii_uppercase + string.digits) for _ in range(8)
+        ),
+        "invoice_settings": {
+            "custom_fields": None,
+            "default_payment_method": None,
+            "footer": None,
+            "rendering_options": None,
+        },
+        "livemode": False,
+        "metadata": p.metadata(),
+        "name": p.text("name", max_length=256),
+        "next_invoice_sequence": 1,
+        "phone": p.text("phone", max_length=20),
+        "preferred_locales": [],
+        "shipping": None,
+        "tax_exempt": "none",
+        "test_clock": None,
+    }
+    st.customers[customer_id] = customer
+    st.register(customer_id, app.clock())
+    return dict(customer)
+
+
+def retrieve_customer(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``GET /v1/customers/{customer}``."""
+    p = Params(req.params, set())
+    _check_expand(p.expand(), set())
+    return dict(_get_customer(app, req.path_params["customer"], "id", 404))
+
+
+def list_customers(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``GET /v1/customers`` (``email`` filter, cursor pagination)."""
+    p = Params(req.params, {"limit", "starting_after", "ending_before", "email"})
+    _check_expand(p.expand(), set())
+    st = app.state
+    email = p.text("email", max_length=512)
+    ids = [
+        i
+        for i in _newest_first(st, st.customers)
+        if email is None or st.customers[i]["email"] == email
+    ]
+    return _paginate(app, ids, p, "/v1/customers", lambda i: dict(st.customers[i]), "customer")
+
+
+_CLAUSE_RE = re.compile(
+    r"""\s*(?:metadata\[(?P<q1>['"])(?P<key>.+?)(?P=q1)\]|(?P<field>[a-z_]+))\s*:\s*"""
+    r"""(?P<q2>['"])(?P<value>.*?)(?P=q2)\s*"""
+)
+
+
+def _search(
+    app: FakeStripeApp,
+    req: ApiRequest,
+    objects: Mapping[str, JSON],
+    url: str,
+    render: Callable[[str], JSON],
+) -> JSON:
+    """Stripe Search over ``objects`` for ``field:'v'`` / ``metadata['k']:'v'`` joined by AND.
+
+    Objects younger than ``search_lag`` seconds are not found yet.
+    """
+    p = Params(req.params, {"query", "limit", "page"})
+    _check_expand(p.expand(), set())
+    query = p.text("query", required=True) or ""
+    clauses: list[tuple[str | None, str | None, str]] = []
+    for part in re.split(r"\s+AND\s+", query.strip()):
+        found = _CLAUSE_RE.fullmatch(part)
+        if found is None:
+            raise StripeAPIError(
+                400,
+                f"Unsupported search query {query!r}: the kiki fake understands only "
+                "field:'value' and metadata['key']:'value' clauses joined by AND.",
+                param="query",
+            )
+        clauses.append((found.group("key"), found.group("field"), found.group("value")))
+    limit = p.integer("limit", minimum=1, maximum=100) or 10
+    page = p.text("page")
+    offset = int(page[5:]) if page and page.startswith("page_") and page[5:].isdigit() else 0
+    visible_before = app.clock() - app.search_lag
+    st = app.state
+
+    def hit(obj: JSON) -> bool:
+        for key, name, value in clauses:
+            if key is not None and obj.get("metadata", {}).get(key) != value:
+                return False
+            if name is not None and str(obj.get(name)) != value:
+                return False
+        return True
+
+    ids = [
+        i
+        for i in _newest_first(st, objects)
+        if st.created_at[i] <= visible_before and hit(objects[i])
+    ]
+    chunk = ids[offset : offset + limit]
+    more = offset + limit < len(ids)
+    return {
+        "object": "search_result",
+        "data": [render(i) for i in chunk],
+        "has_more": more,
+        "next_page": f"page_{offset + limit}" if more else None,
+        "url": url,
+    }
+
+
+def search_customers(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``GET /v1/customers/search?query=metadata['k']:'v'``."""
+    st = app.state
+    return _search(app, req, st.customers, "/v1/customers/search", lambda i: dict(st.customers[i]))
+
+
+# -- invoices --------------------------------------------------------------------------------
+
+COLLECTION_METHODS = ("charge_automatically", "send_invoice")
+INVOICE_STATUSES = ("draft", "open", "paid", "uncollectible", "void")
+
+
+def create_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``POST /v1/invoices``: a draft invoice."""
+    p = Params(
+        req.params,
+        {
+            "customer",
+            "currency",
+            "collection_method",
+            "auto_advance",
+            "days_until_due",
+            "due_date",
+            "description",
+            "metadata",
+            "pending_invoice_items_behavior",
+        },
+    )
+    expand = _check_expand(p.expand(), {"customer"})
+    st, now = app.state, int(app.clock())
+    customer = _get_customer(app, p.text("customer", required=True))
+    method = p.choice("collection_method", COLLECTION_METHODS) or "charge_automatically"
+    days = p.integer("days_until_due", minimum=0, maximum=730)
+    due_date = p.integer("due_date", minimum=0)
+    if method != "send_invoice":
+        for name, value in (("days_until_due", days), ("due_date", due_date)):
+            if value is not None:
+                raise StripeAPIError(
+                    400,
+                    f"You can only set `{name}` on invoices with `collection_method=send_invoice`.",
+                    param=name,
+                )
+    elif days is None and due_date is None:
+        raise StripeAPIError(
+            400,
+            "Invoices with `collection_method=send_invoice` require "
+            "`days_until_due` or `due_date`.",
+            param="days_until_due",
+            code="parameter_missing",
+        )
+    elif days is not None and due_date is not None:
+        raise StripeAPIError(
+            400,
+            "You may only specify one of these parameters: days_until_due, due_date.",
+            param="due_date",
+        )
+    behavior = p.choice("pending_invoice_items_behavior", ("exclude", "include")) or "exclude"
+    currency = _currency(p.text("currency")) or customer["currency"] or "usd"
+    invoice_id = st.new_id("in_")
+    invoice: JSON = {
+        "id": invoice_id,
+        "object": "invoice",
+        "account_country": "US",
+        "account_name": "kiki fake account",
+        "account_tax_ids": None,
+        "amount_due": 0,
+        "amount_paid": 0,
+        "amount_remaining": 0,
+        "amount_shipping": 0,
+        "application": None,
+        "application_fee_amount": None,
+        "attempt_count": 0,
+        "attempted": False,
+        "auto_advance": bool(p.boolean("auto_advance")),
+        "automatic_tax": {"enabled": False, "status": None},
+        "billing_reason": "manual",
+        "charge": None,
+        "collection_method": method,
+        "created": now,
+        "currency": currency,
+        "custom_fields": None,
+        "customer": customer["id"],
+        "customer_address": None,
+        "customer_email": customer["email"],
+        "customer_name": customer["name"],
+        "customer_phone": customer["phone"],
+        "customer_shipping": None,
+        "customer_tax_exempt": "none",
+        "customer_tax_ids": [],
+        "default_payment_method": None,
+        "default_source": None,
+        "default_tax_rates": [],
+        "description": p.text("description", max_length=1500),
+        "discount": None,
+        "discounts": [],
+        "due_date": due_date,
+        "effective_at": None,
+        "ending_balance": None,
+        "footer": None,
+        "from_invoice": None,
+        "hosted_invoice_url": None,
+        "invoice_pdf": None,
+        "last_finalization_error": None,
+        "latest_revision": None,
+        "livemode": False,
+        "metadata": p.metadata(),
+        "next_payment_attempt": None,
+        "number": None,
+        "on_behalf_of": None,
+        "paid": False,
+        "paid_out_of_band": False,
+        "payment_intent": None,
+        "payment_settings": {
+            "default_mandate": None,
+            "payment_method_options": None,
+            "payment_method_types": None,
+        },
+        "period_end": now,
+        "period_start": now,
+        "post_payment_credit_notes_amount": 0,
+        "pre_payment_credit_notes_amount": 0,
+        "quote": None,
+        "receipt_number": None,
+        "rendering_options": None,
+        "shipping_cost": None,
+        "shipping_details": None,
+        "starting_balance": 0,
+        "statement_descriptor": None,
+        "status": "draft",
+        "status_transitions": {
+            "finalized_at": None,
+            "marked_uncollectible_at": None,
+            "paid_at": None,
+            "voided_at": None,
+        },
+        "subscription": None,
+        "subscription_details": {"metadata": None},
+        "subtotal": 0,
+        "subtotal_excluding_tax": 0,
+        "tax": None,
+        "test_clock": None,
+        "total": 0,
+        "total_discount_amounts": [],
+        "total_excluding_tax": 0,
+        "total_tax_amounts": [],
+        "transfer_data": None,
+        "webhooks_delivered_at": None,
+    }
+    st.invoices[invoice_id] = invoice
+    st.invoice_lines[invoice_id] = []
+    if days is not None:
+        st.days_until_due[invoice_id] = days
+    st.register(invoice_id, app.clock())
+    if behavior == "include":
+        pending = [
+            i
+            for i in reversed(_newest_first(st, st.invoice_items))
+            if st.invoice_items[i]["invoice"] is None
+            and st.invoice_items[i]["customer"] == customer["id"]
+            and st.invoice_items[i]["currency"] == currency
+        ]
+        for item_id in pending[:MAX_INVOICE_ITEMS]:
+            _attach_item(app, invoice, st.invoice_items[item_id])
+    return app.render_invoice(invoice, expand=expand)
+
+
+def retrieve_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``GET /v1/invoices/{invoice}``."""
+    p = Params(req.params, set())
+    expand = _check_expand(p.expand(), {"customer"})
+    return app.render_invoice(_get_invoice(app, req.path_params["invoice"], "id"), expand=expand)
+
+
+def list_invoices(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``GET /v1/invoices`` newest first (``customer``, ``status``, ``collection_method``)."""
+    p = Params(
+        req.params,
+        {"customer", "status", "collection_method", "limit", "starting_after", "ending_before"},
+    )
+    expand = tuple(e.removeprefix("data.") for e in _check_expand(p.expand(), {"data.customer"}))
+    st = app.state
+    customer = p.text("customer")
+    status = p.choice("status", INVOICE_STATUSES)
+    method = p.choice("collection_method", COLLECTION_METHODS)
+
+    def keep(invoice: JSON) -> bool:
+        return (
+            (customer is None or invoice["customer"] == customer)
+            and (status is None or invoice["status"] == status)
+            and (method is None or invoice["collection_method"] == method)
+        )
+
+    ids = [i for i in _newest_first(st, st.invoices) if keep(st.invoices[i])]
+    return _paginate(
+        app,
+        ids,
+        p,
+        "/v1/invoices",
+        lambda i: app.render_invoice(st.invoices[i], expand=expand),
+        "invoice",
+    )
+
+
+def search_invoices(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``GET /v1/invoices/search`` (same query forms as customers)."""
+    st = app.state
+    return _search(
+        app, req, st.invoices, "/v1/invoices/search", lambda i: app.render_invoice(st.invoices[i])
+    )
+
+
+def list_invoice_lines(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``GET /v1/invoices/{invoice}/lines`` in invoice order."""
+    p = Params(req.params, {"limit", "starting_after", "ending_before"})
+    _check_expand(p.expand(), set())
+    invoice = _get_invoice(app, req.path_params["invoice"])
+    lines = {line["id"]: line for line in app.state.invoice_lines[invoice["id"]]}
+    return _paginate(
+        app,
+        list(lines),
+        p,
+        f"/v1/invoices/{invoice['id']}/lines",
+        lambda i: dict(lines[i]),
+        "line item",
+    )
+
+
+def delete_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``DELETE /v1/invoices/{invoice}``: drafts only; their invoice items go too."""
+    Params(req.params, set())
+    st = app.state
+    invoice = _get_invoice(app, req.path_params["invoice"], "id")
+    if invoice["status"] != "draft":
+        raise StripeAPIError(
+            400,
+            "You can only delete draft invoices. Try voiding the invoice instead.",
+            param="invoice",
+        )
+    for line in st.invoice_lines.pop(invoice["id"]):
+        st.invoice_items.pop(line["invoice_item"], None)
+    del st.invoices[invoice["id"]]
+    return {"id": invoice["id"], "object": "invoice", "deleted": True}
+
+
+def _finalize(app: FakeStripeApp, invoice: JSON, auto_advance: bool | None) -> None:
+    """Move a draft to ``open`` (or straight to ``paid`` when nothing is due)."""
+    st, now = app.state, int(app.clock())
+    customer = st.customers[invoice["customer"]]
+    invoice["number"] = f"{customer['invoice_prefix']}-{customer['next_invoice_sequence']:04d}"
+    customer["next_invoice_sequence"] += 1
+    if auto_advance is not None:
+        invoice["auto_advance"] = auto_advance
+    invoice["status"] = "open"
+    invoice["status_transitions"]["finalized_at"] = now
+    invoice["effective_at"] = now
+    invoice["ending_balance"] = invoice["starting_balance"]
+    invoice["hosted_invoice_url"] = f"https://invoice.stripe.com/i/kiki_fake/{invoice['id']}"
+    invoice["invoice_pdf"] = f"https://pay.stripe.com/invoice/kiki_fake/{invoice['id']}/pdf"
+    if invoice["collection_method"] == "send_invoice":
+        if invoice["due_date"] is None:  # "days from when the invoice is created"
+            days = st.days_until_due.get(invoice["id"], 0)
+            invoice["due_date"] = invoice["created"] + 86400 * days
+    elif invoice["auto_advance"]:
+        invoice["next_payment_attempt"] = now + 3600
+    if invoice["amount_due"] == 0:
+        _mark_paid(app, invoice, out_of_band=False, charge=False)
+
+
+def _mark_paid(app: FakeStripeApp, invoice: JSON, *, out_of_band: bool, charge: bool) -> None:
+    now = int(app.clock())
+    invoice.update(
+        status="paid",
+        paid=True,
+        amount_paid=invoice["amount_due"],
+        amount_remaining=0,
+        next_payment_attempt=None,
+        paid_out_of_band=out_of_band,
+    )
+    invoice["status_transitions"]["paid_at"] = now
+    if charge:
+        invoice["attempted"] = True
+        invoice["attempt_count"] += 1
+        invoice["charge"] = app.state.new_id("ch_")
+
+
+def finalize_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``POST /v1/invoices/{invoice}/finalize``: draft -> open (or paid if 0 is due)."""
+    p = Params(req.params, {"auto_advance"})
+    expand = _check_expand(p.expand(), {"customer"})
+    invoice = _get_invoice(app, req.path_params["invoice"])
+    if invoice["status"] != "draft":
+        raise StripeAPIError(
+            400,
+            "This invoice is already finalized, you can't re-finalize a non-draft invoice.",
+            param="invoice",
+        )
+    _finalize(app, invoice, p.boolean("auto_advance"))
+    return app.render_invoice(invoice, expand=expand)
+
+
+def pay_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``POST /v1/invoices/{invoice}/pay``: finalizes a draft first, then marks it paid."""
+    p = Params(req.params, {"paid_out_of_band"})
+    expand = _check_expand(p.expand(), {"customer"})
+    invoice = _get_invoice(app, req.path_params["invoice"])
+    if invoice["status"] == "paid":
+        raise StripeAPIError(
+            400, "Invoice is already paid", param="invoice", code="invoice_already_paid"
+        )
+    if invoice["status"] == "void":
+        raise StripeAPIError(
+            400, "This invoice can no longer be paid because it is void.", param="invoice"
+        )
+    if invoice["status"] == "draft":
+        _finalize(app, invoice, None)
+    if invoice["status"] == "open":
+        out_of_band = bool(p.boolean("paid_out_of_band"))
+        _mark_paid(app, invoice, out_of_band=out_of_band, charge=not out_of_band)
+    return app.render_invoice(invoice, expand=expand)
+
+
+def send_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``POST /v1/invoices/{invoice}/send``: ``send_invoice`` invoices only."""
+    p = Params(req.params, set())
+    expand = _check_expand(p.expand(), {"customer"})
+    invoice = _get_invoice(app, req.path_params["invoice"])
+    if invoice["collection_method"] != "send_invoice":
+        raise StripeAPIError(
+            400,
+            "You can only manually send an invoice if its collection method is 'send_invoice'.",
+            param="invoice",
+        )
+    if invoice["status"] in ("paid", "void"):
+        raise StripeAPIError(
+            400, f"You can't send an invoice that is {invoice['status']}.", param="invoice"
+        )
+    if invoice["status"] == "draft":
+        _finalize(app, invoice, None)
+    app.state.sent[invoice["id"]] += 1
+    return app.render_invoice(invoice, expand=expand)
+
+
+def void_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``POST /v1/invoices/{invoice}/void``: open (or uncollectible) invoices only."""
+    p = Params(req.params, set())
+    expand = _check_expand(p.expand(), {"customer"})
+    invoice = _get_invoice(app, req.path_params["invoice"])
+    if invoice["status"] not in ("open", "uncollectible"):
+        raise StripeAPIError(
+            400,
+            f"You can only void open or uncollectible invoices; this one is {invoice['status']}.",
+            param="invoice",
+        )
+    invoice.update(status="void", amount_remaining=0, next_payment_attempt=None)
+    invoice["status_transitions"]["voided_at"] = int(app.clock())
+    return app.render_invoice(invoice, expand=expand)
+
+
+# -- invoice items ---------------------------------------------------------------------------
+
+
+def _attach_item(app: FakeStripeApp, invoice: JSON, item: JSON) -> None:
+    """Put an invoice item on a draft invoice as a line and update the totals."""
+    lines = app.state.invoice_lines[invoice["id"]]
+    item["invoice"] = invoice["id"]
+    lines.append(
+        {
+            "id": app.state.new_id("il_"),
+            "object": "line_item",
+            "amount": item["amount"],
+            "amount_excluding_tax": item["amount"],
+            "currency": item["currency"],
+            "description": item["description"],
+            "discount_amounts": [],
+            "discountable": item["discountable"],
+            "discounts": [],
+            "invoice_item": item["id"],
+            "livemode": False,
+            "metadata": dict(item["metadata"]),
+            "period": dict(item["period"]),
+            "price": None,
+            "proration": False,
+            "proration_details": {"credited_items": None},
+            "quantity": item["quantity"],
+            "subscription": None,
+            "tax_amounts": [],
+            "tax_rates": [],
+            "type": "invoiceitem",
+            "unit_amount_excluding_tax": item["unit_amount_decimal"],
+        }
+    )
+    subtotal = sum(line["amount"] for line in lines)
+    invoice.update(
+        subtotal=subtotal,
+        subtotal_excluding_tax=subtotal,
+        total=subtotal,
+        total_excluding_tax=subtotal,
+        amount_due=max(subtotal, 0),
+        amount_remaining=max(subtotal, 0),
+    )
+
+
+def create_invoice_item(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``POST /v1/invoiceitems``: onto a draft ``invoice``, or pending for the customer.
+
+    ``amount`` is the total in minor units; or ``unit_amount``/``unit_amount_decimal`` times
+    ``quantity`` (rounded half up).
+    """
+    p = Params(
+        req.params,
+        {
+            "customer",
+            "invoice",
+            "amount",
+            "currency",
+            "description",
+            "metadata",
+            "quantity",
+            "unit_amount",
+            "unit_amount_decimal",
+            "discountable",
+        },
+    )
+    expand = _check_expand(p.expand(), {"customer", "invoice"})
+    st, now = app.state, int(app.clock())
+    customer = _get_customer(app, p.text("customer", required=True))
+    invoice: JSON | None = None
+    invoice_id = p.text("invoice")
+    if invoice_id is not None:
+        invoice = _get_invoice(app, invoice_id, status=400)
+        if invoice["customer"] != customer["id"]:
+            raise StripeAPIError(
+                400,
+                f"The invoice {invoice_id} belongs to customer "
+                f"{invoice['customer']}, not {customer['id']}.",
+                param="invoice",
+            )
+        if invoice["status"] != "draft":
+            raise StripeAPIError(
+                400,
+                "You can only add invoice items to draft invoices; "
+                f"{invoice_id} is {invoice['status']}.",
+                param="invoice",
+                code="invoice_not_editable",
+            )
+        if len(st.invoice_lines[invoice_id]) >= MAX_INVOICE_ITEMS:
+            raise StripeAPIError(
+                400,
+                f"An invoice cannot have more than {MAX_INVOICE_ITEMS} invoice items.",
+                param="invoice",
+            )
+    amount = p.integer("amount")
+    quantity = p.integer("quantity", minimum=0)
+    unit_amount = p.integer("unit_amount")
+    unit_decimal = p.decimal("unit_amount_decimal")
+    if amount is not None and (unit_amount is not None or unit_decimal is not None):
+        raise StripeAPIError(
+            400,
+            "You may only specify one of these parameters: amount, "
+            "unit_amount, unit_amount_decimal.",
+            param="amount",
+        )
+    if unit_amount is not None and unit_decimal is not None:
+        raise StripeAPIError(
+            400,
+            "You may only specify one of these parameters: unit_amount, unit_amount_decimal.",
+            param="unit_amount",
+        )
+    if amount is None and unit_amount is None and unit_decimal is None:
+        raise StripeAPIError(
+            400,
+            "You must specify either `amount`, `unit_amount` or "
+            "`unit_amount_decimal` (`price` is not modelled).",
+            param="amount",
+            code="parameter_missing",
+        )
+    qty = 1 if quantity is None else quantity
+    if amount is not None:
+        unit = Decimal(amount) / qty if qty else Decimal(amount)
+    else:
+        unit = Decimal(unit_amount) if unit_amount is not None else unit_decimal  # type: ignore[assignment]
+        amount = int((unit * qty).to_integral_value(rounding=ROUND_HALF_UP))
+    if abs(amount) > MAX_AMOUNT:
+        raise StripeAPIError(
+            400,
+            f"Amount must be no more than {MAX_AMOUNT:,}",
+            param="amount",
+            code="amount_too_large",
+        )
+    currency = (
+        _currency(p.text("currency")) or (invoice or {}).get("currency") or customer["currency"]
+    )
+    if currency is None:
+        raise _missing("currency")
+    if invoice is not None and currency != invoice["currency"]:
+        raise StripeAPIError(
+            400,
+            f"The currency of the invoice item ({currency}) must match "
+            f"the currency of the invoice ({invoice['currency']}).",
+            param="currency",
+        )
+    unit_text = format(unit.normalize(), "f")
+    item_id = st.new_id("ii_")
+    discountable = p.boolean("discountable")
+    item: JSON = {
+        "id": item_id,
+        "object": "invoiceitem",
+        "amount": amount,
+        "currency": currency,
+        "customer": customer["id"],
+        "date": now,
+        "description": p.text("description"),
+        "discountable": True if discountable is None else discountable,
+        "discounts": [],
+        "invoice": None,
+        "livemode": False,
+        "metadata": p.metadata(),
+        "period": {"end": now, "start": now},
+        "price": None,
+        "proration": False,
+        "quantity": qty,
+        "subscription": None,
+        "tax_rates": [],
+        "test_clock": None,
+        "unit_amount": int(unit) if unit == unit.to_integral_value() else None,
+        "unit_amount_decimal": unit_text,
+    }
+    if customer["currency"] is None:
+        customer["currency"] = currency
+    st.invoice_items[item_id] = item
+    st.register(item_id, app.clock())
+    if invoice is not None:
+        _attach_item(app, invoice, item)
+    return app.render_item(item, expand)
+
+
+def retrieve_invoice_item(app: FakeStripeApp, req: ApiRequest) -> JSON:
+    """``GET /v1/invoiceitems/{invoiceitem}``."""
+    p = Params(req.params, set())
+    expand = _check_expand(p.expand(), {"customer", "invoice"})
+    item_id = req.path_params["invoiceitem"]
+    item = app.state.invoice_items.get(item_id)
+    if item is None:
+        raise _no_such("invoiceitem", item_id)
+    return app.render_item(item, expand)
+
+
+ROUTES: list[Route] = [
+    Route("POST", "/v1/customers", create_customer),
+    Route("GET", "/v1/customers", list_customers),
+    Route("GET", "/v1/customers/search", search_customers),
+    Route("GET", "/v1/customers/{customer}", retrieve_customer),
+    Route("POST", "/v1/invoices", create_invoice),
+    Route("GET", "/v1/invoices", list_invoices),
+    Route("GET", "/v1/invoices/search", search_invoices),
+    Route("GET", "/v1/invoices/{invoice}", retrieve_invoice),
+    Route("DELETE", "/v1/invoices/{invoice}", delete_invoice),
+    Route("GET", "/v1/invoices/{invoice}/lines", list_invoice_lines),
+    Route("POST", "/v1/invoices/{invoice}/finalize", finalize_invoice),
+    Route("POST", "/v1/invoices/{invoice}/pay", pay_invoice),
+    Route("POST", "/v1/invoices/{invoice}/send", send_invoice),
+    Route("POST", "/v1/invoices/{invoice}/void", void_invoice),
+    Route("POST", "/v1/invoiceitems", create_invoice_item),
+    Route("GET", "/v1/invoiceitems/{invoiceitem}", retrieve_invoice_item),
+]
+"""The endpoints the fake implements."""
+
+
+# ============================================================================================
+# HTTP server
+# ============================================================================================
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 256
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: FakeStripeApp, verbose: bool) -> None:
+        self.app = app
+        self.verbose = verbose
+        super().__init__(address, _RequestHandler)
+
+
+class _RequestHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    """Headers and body go out in separate writes; with Nagle on, delayed ACKs add ~40 ms."""
+    server: _HTTPServer
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_GET
+
+    def _handle(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._send(
+                FakeResponse(
+                    400,
+                    {
+                        "error": {
+                            "type": "invalid_request_error",
+                            "message": "Send a Content-Length.",
+                        }
+                    },
+                )
+            )
+            self.close_connection = True
+            return
+        body = self.rfile.read(length) if length else b""
+        response = self.server.app.handle(self.command, self.path, dict(self.headers.items()), body)
+        if response.drop:
+            self._reset_connection()
+        else:
+            self._send(response)
+
+    def _send(self, response: FakeResponse) -> None:
+        payload = (json.dumps(response.body, indent=2) + "\n").encode("utf-8")
+        self.send_response(response.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Cache-Control", "no-cache, no-store")
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def _reset_connection(self) -> None:
+        """Close with SO_LINGER 0 so the client sees a TCP reset and no response."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+
+class FakeStripe:
+    """The fake on a background thread, bound to 127.0.0.1 (``port=0``: the OS picks).
+
+    Keyword arguments other than ``port`` and ``verbose`` go to :class:`FakeStripeApp`.
+    """
+
+    def __init__(self, *, port: int = 0, verbose: bool = False, **settings: Any) -> None:
+        self.app = FakeStripeApp(**settings)
+        self._port = port
+        self._verbose = verbose
+        self._server: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> FakeStripe:
+        """Bind and serve in a daemon thread."""
+        if self._server is not None:
+            raise RuntimeError("already started")
+        self._server = _HTTPServer(("127.0.0.1", self._port), self.app, self._verbose)
+        self.app.base_url = self.url
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"fake-stripe-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self) -> FakeStripe:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        if self._server is None:
+            raise RuntimeError("not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT`` (pass as the Stripe SDK's ``api`` base address)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- state -------------------------------------------------------------------------
+
+    def state(self) -> JSON:
+        """Same as ``GET /_fake/state``."""
+        return self.app.snapshot()
+
+    def reset(self) -> None:
+        """Forget all objects, keys, requests and faults (settings stay)."""
+        self.app.state.reset()
+
+    def configure(self, **settings: Any) -> None:
+        """Change ``rate_limit``, ``burst``, ``latency``, ``search_lag``, ... at run time."""
+        self.app.configure(**settings)
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """A copy of the recorded ``/v1`` requests."""
+        with self.app.state.lock:
+            return list(self.app.state.requests)
+
+    def stripe_client(self, api_key: str = "sk_test_kiki_fake", **kwargs: Any) -> Any:
+        """A ``stripe.StripeClient`` aimed at the fake (API 2023-08-16, no retries)."""
+        import stripe
+
+        kwargs.setdefault("max_network_retries", 0)
+        kwargs.setdefault("stripe_version", API_VERSION)
+        return stripe.StripeClient(api_key, base_addresses={"api": self.url}, **kwargs)
+
+    # -- faults --------------------------------------------------------------------------
+
+    def inject(self, fault: Fault) -> Fault:
+        """Queue any :class:`Fault`; returns it (``hits``/``times`` show its use)."""
+        with self.app.state.lock:
+            return self.app.state.add_fault(fault)
+
+    def inject_503(
+        self, method: str = "*", path: str = "/v1/", *, times: int = 1, after: bool = False
+    ) -> Fault:
+        """503; ``after=True``: the operation happened but the response was lost."""
+        return self.inject(Fault.service_unavailable(method, path, times=times, after=after))
+
+    def inject_429(
+        self,
+        method: str = "*",
+        path: str = "/v1/",
+        *,
+        times: int = 1,
+        retry_after: float | None = 1,
+    ) -> Fault:
+        """429 ``rate_limit`` with ``Retry-After`` (None: without)."""
+        return self.inject(Fault.rate_limited(method, path, times=times, retry_after=retry_after))
+
+    def inject_500(
+        self,
+        method: str = "*",
+        path: str = "/v1/",
+        *,
+        times: int = 1,
+        should_retry: bool | None = False,
+        after: bool = False,
+    ) -> Fault:
+        """500 with ``Stripe-Should-Retry`` (kept under the idempotency key and replayed)."""
+        return self.inject(
+            Fault.server_error(method, path, times=times, should_retry=should_retry, after=after)
+        )
+
+    def inject_card_error(
+        self,
+        method: str = "POST",
+        path: str = "/v1/invoices/*/pay",
+        *,
+        times: int = 1,
+        code: str = "card_declined",
+        decline_code: str | None = "generic_decline",
+        message: str = "Your card was declined.",
+    ) -> Fault:
+        """402 ``card_error`` (kept under the idempotency key)."""
+        return self.inject(
+            Fault.card_error(
+                method, path, times=times, code=code, decline_code=decline_code, message=message
+            )
+        )
+
+    def inject_invalid_request(
+        self,
+        method: str = "*",
+        path: str = "/v1/",
+        *,
+        times: int = 1,
+        status: int = 400,
+        message: str = "Invalid request (injected).",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> Fault:
+        """A 4xx ``invalid_request_error`` (not kept)."""
+        return self.inject(
+            Fault.invalid_request(
+                method, path, times=times, status=status, message=message, code=code, param=param
+            )
+        )
+
+    def inject_drop(
+        self, method: str = "*", path: str = "/v1/", *, times: int = 1, after: bool = False
+    ) -> Fault:
+        """Reset the connection; ``after=True``: after the operation ran."""
+        return self.inject(Fault.connection_drop(method, path, times=times, after=after))
+
+    def inject_delay(
+        self,
+        method: str = "*",
+        path: str = "/v1/",
+        *,
+        seconds: float,
+        times: int = 1,
+        after: bool = False,
+    ) -> Fault:
+        """Hold the request ``seconds``.
+
+        ``after=False``: before the operation, with its idempotency key in flight (a second
+        request with the key gets 409). ``after=True``: after the result is stored (a retry
+        with the key gets the replay), e.g. to make a client time out on a done operation.
+        """
+        return self.inject(Fault.delay(method, path, seconds=seconds, times=times, after=after))
+
+    def clear_faults(self) -> None:
+        """Drop every queued fault."""
+        with self.app.state.lock:
+            self.app.state.faults.clear()
+
+    @property
+    def faults(self) -> list[Fault]:
+        """The queued faults."""
+        with self.app.state.lock:
+            return list(self.app.state.faults)
+
+
+# ============================================================================================
+# Running as a process
+# ============================================================================================
+
+
+@contextlib.contextmanager
+def spawn_fake_stripe(
+    *extra_args: str,
+    python: str = sys.executable,
+    timeout: float = 15.0,
+    cwd: str | Path | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run ``python -m tests.support.fake_stripe`` and yield ``(url, process)``.
+
+    ``extra_args`` are CLI options (``"--rate-limit", "100"``). The process is stopped by its
+    pid (SIGTERM, then SIGKILL) on exit.
+    """
+    root = Path(cwd) if cwd is not None else Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory(prefix="fake-stripe-") as tmp:
+        ready = Path(tmp) / "url"
+        process = subprocess.Popen(
+            [
+                python,
+                "-m",
+                "tests.support.fake_stripe",
+                "--port",
+                "0",
+                "--ready-file",
+                str(ready),
+                *extra_args,
+            ],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready.exists():
+                if process.poll() is not None:
+                    raise RuntimeError(f"fake Stripe exited with {process.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("fake Stripe did not become ready")
+                time.sleep(0.02)
+            yield ready.read_text(encoding="utf-8").strip(), process
+        finally:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    os.kill(process.pid, signal.SIGKILL)
+                    process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.support.fake_stripe``: serve until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.support.fake_stripe",
+        description="Stripe-compatible fake on 127.0.0.1.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="0: let the OS choose")
+    parser.add_argument(
+        "--rate-limit", type=float, default=None, help="requests per second (default: unlimited)"
+    )
+    parser.add_argument("--burst", type=float, default=None, help="token bucket size")
+    parser.add_argument(
+        "--retry-after",
+        type=float,
+        default=None,
+        help="send Retry-After on rate-limit 429s (Stripe does not)",
+    )
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    parser.add_argument(
+        "--search-lag", type=float, default=0.0, help="seconds before new objects appear in /search"
+    )
+    parser.add_argument(
+        "--no-spec-check",
+        action="store_true",
+        help="do not check requests against Stripe's OpenAPI spec",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="deterministic ids")
+    parser.add_argument(
+        "--ready-file", default=None, help="write the URL here once listening (removed on exit)"
+    )
+    parser.add_argument("--verbose", action="store_true", help="log each request to stderr")
+    args = parser.parse_args(argv)
+
+    fake = FakeStripe(
+        port=args.port,
+        verbose=args.verbose,
+        rate_limit=args.rate_limit,
+        burst=args.burst,
+        rate_limit_retry_after=args.retry_after,
+        latency=args.latency,
+        search_lag=args.search_lag,
+        spec_check=not args.no_spec_check,
+        seed=args.seed,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    fake.start()
+    ready = Path(args.ready_file) if args.ready_file else None
+    try:
+        if ready is not None:
+            partial = ready.with_name(ready.name + ".tmp")
+            partial.write_text(fake.url + "\n", encoding="utf-8")
+            os.replace(partial, ready)
+        print(fake.url, flush=True)
+        while not stop.wait(0.2):
+            pass
+    finally:
+        fake.stop()
+        if ready is not None:
+            with contextlib.suppress(FileNotFoundError):
+                ready.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
