@@ -357,6 +357,7 @@ class Hub:
         recorded = self.ledger.steps(record.id)
         logger = log.bind(invoice=invoice.number, target=delivery.target, client=invoice.client_id)
         step_name = "validate"
+        last_beat = time.time()
         try:
             adapter.validate(invoice, delivery.client)
             for step in adapter.steps(invoice, delivery.client):
@@ -381,7 +382,9 @@ class Hub:
                     step_log.info("step.sent", refs=dict(found))
                 self.ledger.step_finished(record.id, step.name, key, DeliveryState.DELIVERED, found)
                 refs.update(found)
-                self.ledger.heartbeat(record.id, self.owner, time.time())
+                if time.time() - last_beat > self.ledger.lease_seconds / 4:
+                    last_beat = time.time()
+                    self.ledger.heartbeat(record.id, self.owner, last_beat)
         except DeliveryError as exc:
             return self._failed(delivery, record, adapter, breaker, step_name, refs, exc, logger)
         except Exception as exc:
