@@ -224,3 +224,17 @@ def test_bad_ledger_url_is_a_clear_error(tmp_path: Path, command: str) -> None:
         tmp_path, command, env={"KIKI_LEDGER_URL": "postgresql+psycopg://u:pw@127.0.0.1:1/x"}
     )
     assert_one_line_error(done, "cannot open the ledger postgresql+psycopg://u:***@127.0.0.1:1/x")
+
+
+def test_file_targets_take_export_defaults_and_client_overrides(tmp_path: Path) -> None:
+    file = contracts(
+        tmp_path,
+        '["xero_csv"]',
+        '[clients.xero_csv]\naccount_code = "400"\n\n[exports.xero]\ndate_format = "MM/DD/YYYY"\n',
+    )
+    done = run(tmp_path, *push_args(tmp_path, file))
+    assert done.returncode == 0, done.stderr
+    (csv_file,) = (tmp_path / "kiki-out" / "exports" / "xero").glob("*.csv")
+    row = csv_file.read_text().splitlines()[1].split(",")
+    assert row[12] == "02/01/2026"  # *InvoiceDate, US order from [exports.xero]
+    assert row[19] == "400"  # *AccountCode from [clients.xero_csv]

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic_settings import SettingsConfigDict
 
-from kiki_billing.config import QuickBooksCsvSettings, XeroCsvSettings
+from kiki_billing.config import ContractsFile, QuickBooksCsvSettings, XeroCsvSettings
 from kiki_billing.exports.csv_formats import render_quickbooks_csv, render_xero_csv
 from kiki_billing.exports.files import write_files_atomically
 from kiki_billing.exports.json_export import invoice_document
@@ -131,6 +131,10 @@ class QuickBooksCsvAdapter(FileTarget):
     settings_model = QuickBooksCsvSettingsEnv
     client_settings_model = QuickBooksCsvClientSettings
 
+    def client_defaults(self, contracts: ContractsFile) -> dict[str, Any]:
+        """``[exports.quickbooks]`` of the contracts file."""
+        return contracts.exports.quickbooks.model_dump()
+
     def render(self, invoice: Invoice, client: ClientSettings) -> str:
         """The QuickBooks import rows of the invoice."""
         assert isinstance(client, QuickBooksCsvSettings)
@@ -155,6 +159,10 @@ class XeroCsvAdapter(FileTarget):
     suffix = ".csv"
     settings_model = XeroCsvSettingsEnv
     client_settings_model = XeroCsvClientSettings
+
+    def client_defaults(self, contracts: ContractsFile) -> dict[str, Any]:
+        """``[exports.xero]`` of the contracts file."""
+        return contracts.exports.xero.model_dump()
 
     def render(self, invoice: Invoice, client: ClientSettings) -> str:
         """The Xero import rows of the invoice."""

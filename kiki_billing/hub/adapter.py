@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kiki_billing.config import ContractsFile
 from kiki_billing.hub.errors import DeliveryError
 from kiki_billing.models import Invoice
 
@@ -132,6 +133,10 @@ class BillingAdapter(ABC):
             burst=default.burst,
             concurrency=self.settings.concurrency or default.concurrency,
         )
+
+    def client_defaults(self, contracts: ContractsFile) -> dict[str, Any]:
+        """Defaults for every client's ``[clients.<name>]`` table, from the contracts file."""
+        return {}
 
     def validate(self, invoice: Invoice, client: ClientSettings) -> None:  # noqa: B027
         """Refuse an invoice the provider cannot take, before any call.

@@ -124,7 +124,10 @@ def plan_deliveries(
     deliveries = []
     for inv, name in wanted:
         contract = by_id[inv.client_id]
-        raw = contract.target_settings.get(name, {})
+        raw = {
+            **adapters[name].client_defaults(contracts),
+            **contract.target_settings.get(name, {}),
+        }
         try:
             settings = adapters[name].client_settings_model.model_validate(raw)
         except ValidationError as exc:
