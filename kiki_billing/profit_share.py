@@ -303,6 +303,41 @@ def group_metrics(
     return grouped
 
 
+@dataclass
+class _Tally:
+    """Running totals of one currency."""
+
+    invoices: int = 0
+    spend: Decimal = _ZERO
+    ltv: Decimal = _ZERO
+    baseline: Decimal = _ZERO
+    margin: Decimal = _ZERO
+    fee: Decimal = _ZERO
+
+    def add(self, spend: Decimal, ltv: Decimal, margin: Decimal, fee: Decimal = _ZERO) -> None:
+        self.spend += spend
+        self.ltv += ltv
+        self.baseline += ltv - margin
+        self.margin += margin
+        self.fee += fee
+
+    def totals(self, currency: str) -> CurrencyTotals:
+        keeps = self.margin - self.fee
+        return CurrencyTotals(
+            currency=currency,
+            invoices=self.invoices,
+            total_spend=exact(self.spend, currency),
+            total_ltv=exact(self.ltv, currency),
+            total_baseline_value=exact(self.baseline, currency),
+            total_margin_recovered=exact(self.margin, currency),
+            total_fee=exact(self.fee, currency),
+            client_keeps=exact(keeps, currency),
+            monthly_recurring_revenue=exact(self.fee, currency),
+            spend_weighted_roas=ratio(self.ltv, self.spend),
+            client_roi_on_fee=ratio(keeps, self.fee),
+        )
+
+
 def summarise(
     period: BillingPeriod,
     invoices: Sequence[Invoice],
@@ -310,52 +345,20 @@ def summarise(
     sources: Sequence[SourceEvidence],
 ) -> RunSummary:
     """Totals per currency over every client with metrics; fees from the invoices."""
-    buckets: dict[str, list[Decimal]] = defaultdict(lambda: [_ZERO] * 5 + [Decimal(0)])
+    tallies: dict[str, _Tally] = defaultdict(_Tally)
     for inv in invoices:
-        b = buckets[inv.currency]
-        b[0] += inv.total_spend
-        b[1] += inv.total_ltv
-        b[2] += inv.total_margin_recovered
-        b[3] += inv.total_fee
-        b[4] += inv.total_baseline_value
-        b[5] += 1
+        tally = tallies[inv.currency]
+        tally.invoices += 1
+        tally.add(inv.total_spend, inv.total_ltv, inv.total_margin_recovered, inv.total_fee)
     for nb in not_billed:
         if nb.reason == "zero_fee":
-            b = buckets[nb.currency]
-            b[0] += nb.total_spend
-            b[1] += nb.total_ltv
-            b[2] += nb.total_margin_recovered
-    totals = []
-    for currency in sorted(buckets):
-        spend, ltv, margin, fee, _, count = buckets[currency]
-        baseline = sum(
-            (inv.total_baseline_value for inv in invoices if inv.currency == currency), _ZERO
-        ) + sum(
-            (n.total_ltv - n.total_margin_recovered for n in not_billed if n.currency == currency),
-            _ZERO,
-        )
-        keeps = margin - fee
-        totals.append(
-            CurrencyTotals(
-                currency=currency,
-                invoices=int(count),
-                total_spend=exact(spend, currency),
-                total_ltv=exact(ltv, currency),
-                total_baseline_value=exact(baseline, currency),
-                total_margin_recovered=exact(margin, currency),
-                total_fee=exact(fee, currency),
-                client_keeps=exact(keeps, currency),
-                monthly_recurring_revenue=exact(fee, currency),
-                spend_weighted_roas=ratio(ltv, spend),
-                client_roi_on_fee=ratio(keeps, fee),
-            )
-        )
+            tallies[nb.currency].add(nb.total_spend, nb.total_ltv, nb.total_margin_recovered)
     return RunSummary(
         period=period.label,
         clients=len(invoices) + len(not_billed),
         invoices=len(invoices),
         not_billed=tuple(not_billed),
-        by_currency=tuple(totals),
+        by_currency=tuple(tallies[c].totals(c) for c in sorted(tallies)),
         sources=tuple(sources),
     )
 
