@@ -192,7 +192,23 @@ class Ledger:
         self.url = url
         self.lease_seconds = lease_seconds
         self.engine = self._engine(url)
-        metadata.create_all(self.engine)
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        """Create missing tables; safe when several processes open a new ledger at once."""
+        for attempt in range(1, 6):
+            try:
+                with self.engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        # Concurrent CREATE TABLEs collide in pg_type: serialise them (the lock
+                        # is released at commit, and the next creator then finds the tables).
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7049590145)"))
+                    metadata.create_all(conn)
+                return
+            except sa.exc.OperationalError as exc:
+                # SQLite: another process created a table between the check and the CREATE.
+                if attempt == 5 or "already exists" not in str(exc.orig):
+                    raise
 
     @staticmethod
     def _engine(url: str) -> Engine:
@@ -576,5 +592,10 @@ def _delivery(row: Any) -> DeliveryRecord:
         refs=json.loads(row.refs),
         last_error=row.last_error,
         owner=row.owner,
-        updated_at=row.updated_at,
+        updated_at=_aware(row.updated_at),
     )
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; the ledger writes UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
