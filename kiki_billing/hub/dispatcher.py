@@ -32,6 +32,7 @@ from kiki_billing.hub.ledger import (
     DeliveryState,
     InvoiceConflictError,
     Ledger,
+    StepRecord,
     process_owner,
 )
 from kiki_billing.hub.ratelimit import CircuitBreaker, TokenBucket
@@ -140,6 +141,22 @@ def plan_deliveries(
             ) from None
         deliveries.append(Delivery(invoice=inv, target=name, client=settings))
     return deliveries, adapters
+
+
+def step_key(invoice: Invoice, target: str, step: str, prior: StepRecord | None) -> str:
+    """The key a step is sent with now.
+
+    A first attempt, and any attempt after an unknown outcome or a transient failure, resends
+    the key of the earlier attempt. A step that failed terminally (a validation error, or a
+    500 the provider said not to retry) is re-driven only after its cause was fixed, and its
+    natural-key look-up runs first; it gets a new, still deterministic key, because providers
+    keep the failed result under the old one.
+    """
+    if prior is None:
+        return idempotency_key(invoice.number, invoice.revision, target, step)
+    if prior.state is DeliveryState.FAILED:
+        return idempotency_key(invoice.number, invoice.revision, target, step, prior.attempts)
+    return prior.idempotency_key
 
 
 class Hub:
@@ -369,7 +386,7 @@ class Hub:
                 if prior is not None and prior.state is DeliveryState.DELIVERED:
                     refs.update(prior.refs)
                     continue
-                key = idempotency_key(invoice.number, invoice.revision, delivery.target, step.name)
+                key = step_key(invoice, delivery.target, step.name, prior)
                 ctx = StepContext(
                     invoice=invoice, client=delivery.client, refs=dict(refs), idempotency_key=key
                 )
@@ -442,8 +459,8 @@ class Hub:
         adapter.validate(invoice, delivery.client)
         planned = []
         for step in adapter.steps(invoice, delivery.client):
-            key = idempotency_key(invoice.number, invoice.revision, delivery.target, step.name)
             prior = recorded.get(step.name)
+            key = step_key(invoice, delivery.target, step.name, prior)
             if prior is not None and prior.state is DeliveryState.DELIVERED:
                 refs.update(prior.refs)
                 planned.append(PlannedStep(step.name, key, None, prior.refs))

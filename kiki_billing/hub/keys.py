@@ -17,7 +17,9 @@ KEY_VERSION = "k1"
 KEY_LENGTH = 35
 
 
-def idempotency_key(invoice_number: str, revision: int, target: str, step: str) -> str:
+def idempotency_key(
+    invoice_number: str, revision: int, target: str, step: str, generation: int = 0
+) -> str:
     """The idempotency key of one write.
 
     Args:
@@ -25,9 +27,15 @@ def idempotency_key(invoice_number: str, revision: int, target: str, step: str) 
         revision: The invoice revision (0 for the first issue).
         target: The adapter name (``stripe``).
         step: The step name (``draft``, ``line-1``, ...).
+        generation: 0, except when a step that failed terminally is re-driven after its cause
+            was fixed: providers keep a failed result under its key (Stripe: a 500 for 24 h),
+            so each re-drive gets the next generation (see :func:`step_generation`).
 
     Returns:
-        ``k1-`` followed by 32 hex digits of SHA-256 over the four parts.
+        ``k1-`` followed by 32 hex digits of SHA-256 over the parts.
     """
-    material = "\x1f".join((KEY_VERSION, invoice_number, str(revision), target, step))
+    parts = [KEY_VERSION, invoice_number, str(revision), target, step]
+    if generation:
+        parts.append(f"g{generation}")
+    material = "\x1f".join(parts)
     return f"{KEY_VERSION}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"

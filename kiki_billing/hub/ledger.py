@@ -479,6 +479,7 @@ class Ledger:
                 steps_table.update()
                 .where(steps_table.c.delivery_id == delivery_id, steps_table.c.step == step)
                 .values(
+                    idempotency_key=key,
                     state=DeliveryState.IN_FLIGHT.value,
                     attempts=steps_table.c.attempts + 1,
                     updated_at=now,

@@ -1,9 +1,9 @@
 """Retrying transient failures: the one place it happens (tenacity).
 
 Every attempt of a step resends the same idempotency key (fixed before the loop). Transient
-errors are retried with exponential backoff and full jitter, or after the provider's
-``Retry-After`` when it gives one; terminal errors stop at once. Attempts and total time are
-bounded.
+errors are retried with exponential backoff plus up to ``initial_wait`` of jitter, or after
+the provider's ``Retry-After`` when it gives one; terminal errors stop at once. Attempts and
+total time are bounded.
 """
 
 from __future__ import annotations

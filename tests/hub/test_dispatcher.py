@@ -123,14 +123,15 @@ def test_unknown_outcome_is_looked_up_before_resending(make_hub, system, ledger)
     inv = invoice()
     hub = make_hub()
     hub.push(deliveries(inv))
-    (record,) = ledger.deliveries()
     # A process died after sending the draft step: its outcome is unknown in the ledger.
     with ledger.engine.begin() as conn:
         conn.exec_driver_sql(
-            "UPDATE delivery_steps SET state='in_flight', refs='{}' WHERE step IN ('draft','line-1','line-2','finalize')"
+            "UPDATE delivery_steps SET state='in_flight', refs='{}' "
+            "WHERE step IN ('draft','line-1','line-2','finalize')"
         )
         conn.exec_driver_sql(
-            "UPDATE deliveries SET state='in_flight', owner='dead-host:1:1', lease_until=0, refs='{}'"
+            "UPDATE deliveries SET state='in_flight', owner='dead-host:1:1', lease_until=0, "
+            "refs='{}'"
         )
     calls_before = len(system.calls)
     (outcome,) = make_hub().push(deliveries(inv))
