@@ -402,6 +402,11 @@ class Hub:
                     step_log.info("step.sent", refs=dict(found))
                 self.ledger.step_finished(record.id, step.name, key, DeliveryState.DELIVERED, found)
                 refs.update(found)
+                client_refs = {k: v for k, v in found.items() if k in adapter.client_refs}
+                if client_refs:  # kept at once, so a later period reuses them even after a crash
+                    self.ledger.remember_client_refs(
+                        adapter.name, adapter.account, invoice.client_id, client_refs
+                    )
                 if time.time() - last_beat > self.ledger.lease_seconds / 4:
                     last_beat = time.time()
                     self.ledger.heartbeat(record.id, self.owner, last_beat)
@@ -411,11 +416,6 @@ class Hub:
             logger.exception("delivery.internal_error", step=step_name)
             error = TerminalError(f"internal error in {step_name}: {type(exc).__name__}: {exc}")
             return self._failed(delivery, record, adapter, breaker, step_name, refs, error, logger)
-        client_refs = {k: v for k, v in refs.items() if k in adapter.client_refs}
-        if client_refs:
-            self.ledger.remember_client_refs(
-                adapter.name, adapter.account, invoice.client_id, client_refs
-            )
         self.ledger.finish(record.id, self.owner, DeliveryState.DELIVERED, refs)
         breaker.record_success()
         logger.info("delivery.delivered", refs=refs)

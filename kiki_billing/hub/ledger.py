@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -148,10 +150,11 @@ def process_owner() -> str:
 
 
 def _process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("Z" for a zombie, "0" if unknown)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             fields = handle.read().rsplit(b")", 1)[1].split()
-        return fields[19].decode()
+        return "Z" if fields[0] == b"Z" else fields[19].decode()
     except (OSError, IndexError):
         return "0"
 
@@ -218,7 +221,7 @@ class Ledger:
             @sa.event.listens_for(engine, "connect")
             def _pragmas(dbapi_connection: Any, _record: Any) -> None:
                 cursor = dbapi_connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
+                _journal_mode_wal(cursor)
                 # NOTE: in WAL mode NORMAL survives a killed process (the crash the ledger is
                 # built for); a power cut may lose the last commits, which the idempotency keys
                 # and the natural-key look-ups then cover.
@@ -595,6 +598,23 @@ def _delivery(row: Any) -> DeliveryRecord:
         owner=row.owner,
         updated_at=_aware(row.updated_at),
     )
+
+
+def _journal_mode_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting while another process creates the same file."""
+    # NOTE: turning a new database to WAL takes an exclusive lock, and SQLite answers
+    # "database is locked" at once (the busy timeout does not apply) while another connection
+    # holds the file, as when two pushes open a new ledger together. On a file already in WAL
+    # mode the pragma takes no such lock.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _aware(value: datetime) -> datetime:
