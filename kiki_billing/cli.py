@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kiki_billing.audit_cli import audit_app
 from kiki_billing.errors import ConfigurationError, InputError, KikiError
 from kiki_billing.exports.files import write_files_atomically
 from kiki_billing.exports.json_export import run_data
@@ -496,16 +497,7 @@ def _refs(refs: Mapping[str, str]) -> str:
     return " ".join(f"{key}={value}" for key, value in sorted(refs.items()) if key != "sha256")
 
 
-def _mount_subcommands() -> None:
-    from kiki_billing.audit_cli import audit_app
-
-    app.add_typer(audit_app, name="audit")
-
-
-try:
-    _mount_subcommands()
-except ImportError:  # pragma: no cover - during development of the audit module
-    pass
+app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:

@@ -34,6 +34,8 @@ CALCULATOR_VERSION = "profit-share/1"
 
 
 def _strict_decimal(value: object) -> Decimal:
+    if type(value) is Decimal and value.is_finite() and value.adjusted() < 15:
+        return value  # computed or already parsed, and of a sane size: no need to re-parse
     try:
         return parse_amount(value)
     except InputError as exc:

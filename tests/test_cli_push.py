@@ -189,7 +189,8 @@ class AcmeLedgerAdapter(BillingAdapter):
                 handle.write(f"{line} {ctx.idempotency_key}\\n")
             return {"line": line}
 
-        return [Step("post", request=lambda ctx: StepRequest("APPEND", str(self.settings.path)), send=send)]
+        request = lambda ctx: StepRequest("APPEND", str(self.settings.path))  # noqa: E731
+        return [Step("post", request=request, send=send)]
 
     def classify(self, error):
         return TerminalError(str(error))
