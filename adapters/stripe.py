@@ -544,6 +544,8 @@ class StripeAdapter(BillingAdapter):
                 send=self._send_customer,
                 lookup=self._lookup_customer,
                 skip=self._skip_customer,
+                # NOTE: _send_customer searches before it creates: two requests, two slots.
+                requests=2,
             ),
             Step(
                 "draft",

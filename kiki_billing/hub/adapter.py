@@ -84,6 +84,8 @@ class Step:
             outcome is unknown (a crash, a lost response); returns its ids, or ``None`` when the
             object does not exist and the step must be sent.
         skip: Returns ids when the step has nothing to send (e.g. a customer id is configured).
+        requests: The most provider requests one ``send`` makes; the hub takes that many
+            rate-limit slots before each attempt.
     """
 
     name: str
@@ -91,6 +93,7 @@ class Step:
     send: Callable[[StepContext], Mapping[str, str]]
     lookup: Callable[[StepContext], Mapping[str, str] | None] | None = None
     skip: Callable[[StepContext], Mapping[str, str] | None] | None = None
+    requests: int = 1
 
 
 class NoClientSettings(ClientSettings):

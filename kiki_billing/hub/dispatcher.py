@@ -221,7 +221,9 @@ class Hub:
                 )
             return self._breakers[key]
 
-    def _call(self, adapter: BillingAdapter, call: Callable[[], T], logger: Any) -> T:
+    def _call(
+        self, adapter: BillingAdapter, call: Callable[[], T], logger: Any, requests: int = 1
+    ) -> T:
         bucket = self.bucket(adapter)
         slots = self._slots[self._account(adapter)]
 
@@ -230,7 +232,7 @@ class Hub:
                 return call()
 
         def before_attempt(number: int) -> None:
-            bucket.acquire()
+            bucket.acquire(requests)
             if number > 1:
                 logger.info("step.attempt", attempt=number)
 
@@ -262,21 +264,22 @@ class Hub:
         Returns:
             One outcome per delivery, in the order given.
         """
-        records: list[tuple[Delivery, DeliveryRecord | DeliveryOutcome]] = []
-        for delivery in deliveries:
-            records.append((delivery, self._prepare(delivery)))
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for index, (delivery, _) in enumerate(records):
+        for index, delivery in enumerate(deliveries):
             groups[self._account(self.adapters[delivery.target])].append(index)
-        outcomes: list[DeliveryOutcome | None] = [None] * len(records)
+        outcomes: list[DeliveryOutcome | None] = [None] * len(deliveries)
+
+        def prepare_and_deliver(delivery: Delivery) -> DeliveryOutcome:
+            # Recording the invoice in the worker overlaps the ledger writes with the
+            # provider's latency instead of doing them all before the first request.
+            return self._deliver(delivery, self._prepare(delivery), redrive_failed)
 
         def run_group(key: tuple[str, str], indexes: list[int]) -> None:
             adapter = self.adapters[key[0]]
             workers = max(1, adapter.rate_limit().concurrency)
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=key[0]) as pool:
                 futures = {
-                    index: pool.submit(self._deliver, *records[index], redrive_failed)
-                    for index in indexes
+                    index: pool.submit(prepare_and_deliver, deliveries[index]) for index in indexes
                 }
                 for index, future in futures.items():
                     outcomes[index] = future.result()
@@ -398,7 +401,9 @@ class Hub:
                         step_log.info("step.found_upstream", refs=dict(found))
                 if found is None:
                     self.ledger.step_started(record.id, step.name, key)
-                    found = self._call(adapter, functools.partial(step.send, ctx), step_log)
+                    found = self._call(
+                        adapter, functools.partial(step.send, ctx), step_log, step.requests
+                    )
                     step_log.info("step.sent", refs=dict(found))
                 self.ledger.step_finished(record.id, step.name, key, DeliveryState.DELIVERED, found)
                 refs.update(found)

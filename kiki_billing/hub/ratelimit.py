@@ -35,13 +35,13 @@ class TokenBucket:
         self._stamp = clock()
         self._paused_until = 0.0
 
-    def acquire(self) -> float:
-        """Wait for a slot; return the seconds waited."""
+    def acquire(self, requests: int = 1) -> float:
+        """Wait for slots for ``requests`` requests sent back to back; return the seconds waited."""
         with self._lock:
             now = self._clock()
             self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
             self._stamp = now
-            self._tokens -= 1.0
+            self._tokens -= requests
             due = now if self._tokens >= 0 else now - self._tokens / self.rate
             due = max(due, self._paused_until)
         wait = due - now
