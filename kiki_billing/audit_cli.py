@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +11,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from kiki_billing.errors import InputError, KikiError
+from kiki_billing.cli_support import reported_errors
+from kiki_billing.errors import InputError
 from kiki_billing.money import parse_amount
 from kiki_billing.sources.audit_trail import (
     AuditEvent,
@@ -32,16 +31,6 @@ audit_app = typer.Typer(
 
 EVENT_COLUMNS = ("timestamp", "client_id", "campaign_id", "metric", "amount")
 OPTIONAL_EVENT_COLUMNS = ("campaign_name", "platform")
-
-
-@contextmanager
-def reported_errors() -> Iterator[None]:
-    """Report a :class:`KikiError` as one line on stderr and exit with its code (2)."""
-    try:
-        yield
-    except KikiError as exc:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {exc}", markup=False)
-        raise typer.Exit(exc.exit_code) from None
 
 
 def _stdout() -> Console:

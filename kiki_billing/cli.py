@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import date
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated
 
 import sqlalchemy
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kiki_billing.audit_cli import audit_app
-from kiki_billing.errors import ConfigurationError, InputError, KikiError
+from kiki_billing.cli_support import console, err_console, reports_errors
+from kiki_billing.errors import ConfigurationError, InputError
 from kiki_billing.exports.files import write_files_atomically
 from kiki_billing.exports.json_export import run_data
-from kiki_billing.logging import configure_logging
 from kiki_billing.models import BillingPeriod
 from kiki_billing.money import format_money
 from kiki_billing.pipeline import ComputedPeriod, MetricsSource, compute_period, render_run_files
@@ -34,8 +32,6 @@ if TYPE_CHECKING:
     from kiki_billing.hub.dispatcher import Delivery, DeliveryOutcome, Hub
     from kiki_billing.hub.ledger import Ledger
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 app = typer.Typer(
     name="kiki-billing",
@@ -44,24 +40,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Not on a terminal (a pipe, a CI log) rich would wrap tables at 80 columns.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Report a :class:`KikiError` as one line on stderr and exit with its code."""
-
-    @functools.wraps(command)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        configure_logging()
-        try:
-            return command(*args, **kwargs)
-        except KikiError as exc:
-            err_console.print(f"error: {exc}", markup=False)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
 
 
 def parse_period(value: str) -> BillingPeriod:
@@ -213,10 +191,7 @@ def show_run(run: BillingRun) -> None:
         )
 
 
-def _money(amount: object, currency: str) -> str:
-    from decimal import Decimal
-
-    assert isinstance(amount, Decimal)
+def _money(amount: Decimal, currency: str) -> str:
     text = format_money(amount, currency)
     whole, _, fraction = text.partition(".")
     sign = "-" if whole.startswith("-") else ""
