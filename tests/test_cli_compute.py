@@ -277,3 +277,69 @@ def test_existing_outputs_survive_a_failed_run(tmp_path: Path) -> None:
     result, out = run_compute(tmp_path, HEADER + "acme,c,oops,1\n")
     assert result.exit_code == 2
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_tampered_audit_trail_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from kiki_billing.sources.audit_trail import AuditEvent, append_audit_events
+
+    trail = tmp_path / "audit.csv"
+    at = datetime(2026, 1, 10, tzinfo=UTC)
+    append_audit_events(
+        trail,
+        [
+            AuditEvent(at, "acme", "campaign_001", "spend", Decimal("36000.00")),
+            AuditEvent(at, "acme", "campaign_001", "ltv", Decimal("130090.00")),
+        ],
+    )
+    (tmp_path / "contracts.toml").write_text(CONTRACTS)
+    args = [
+        "compute",
+        "--period",
+        "2026-01",
+        "--contracts",
+        str(tmp_path / "contracts.toml"),
+        "--audit",
+        str(trail),
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+    ]
+    good = runner.invoke(app, args)
+    assert good.exit_code == 0, good.output
+    assert json.loads(good.stdout)["summary"]["total_fee"] == "2209.00"
+    trail.write_text(trail.read_text().replace("130090.00", "130990.00"))
+    args[-2] = str(tmp_path / "out2")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {trail}, row 3, field 'record_hash'")
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.block_network(allowed_hosts=[r"^127\.0\.0\.1$"])
+def test_unreachable_prometheus_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "contracts.toml").write_text(CONTRACTS)
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        [
+            "compute",
+            "--period",
+            "2026-01",
+            "--contracts",
+            str(tmp_path / "contracts.toml"),
+            "--prometheus",
+            "http://127.0.0.1:9",
+            "--prometheus-timeout",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "cannot reach Prometheus at http://127.0.0.1:9" in line
+    assert not out.exists()
