@@ -137,7 +137,11 @@ class StepRecord:
 
 
 class InvoiceConflictError(Exception):
-    """The same invoice number and revision was recorded before with other content."""
+    """The invoice clashes with one issued before.
+
+    Either the same number and revision with other content, or another number for the same
+    client, period and revision.
+    """
 
 
 def _now() -> datetime:
@@ -247,6 +251,20 @@ class Ledger:
             InvoiceConflictError: It was recorded before with a different content hash.
         """
         with self.engine.begin() as conn:
+            other = conn.execute(
+                sa.select(invoices_table.c.number).where(
+                    invoices_table.c.client_id == invoice.client_id,
+                    invoices_table.c.period == invoice.period,
+                    invoices_table.c.revision == invoice.revision,
+                    invoices_table.c.number != invoice.number,
+                )
+            ).scalar()
+            if other is not None:
+                raise InvoiceConflictError(
+                    f"client {invoice.client_id} already has invoice {other} for "
+                    f"{invoice.period}; {invoice.number} would bill the period twice (was the "
+                    "client's invoice_sequence changed? pin it back with invoice_sequence)"
+                )
             existing = conn.execute(
                 sa.select(invoices_table.c.content_hash).where(
                     invoices_table.c.number == invoice.number,

@@ -195,3 +195,14 @@ def test_customer_id_is_reused_next_period(make_hub, system) -> None:
 class TestMemoryAdapterContract(AdapterContractSuite):
     def adapter(self) -> MemoryAdapter:
         return MemoryAdapter(system=MemoryBillingSystem())
+
+
+def test_a_second_number_for_the_same_client_and_period_is_refused(make_hub, system) -> None:
+    inv = invoice()
+    make_hub().push(deliveries(inv))
+    renumbered = inv.model_copy(update={"number": "KIKI-OaaS-202601-999999"}).sealed()
+    calls = len(system.calls)
+    (outcome,) = make_hub().push(deliveries(renumbered))
+    assert outcome.state is DeliveryState.FAILED
+    assert "would bill the period twice" in (outcome.error or "")
+    assert len(system.calls) == calls
