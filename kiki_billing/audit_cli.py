@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +18,7 @@ from kiki_billing.sources.audit_trail import (
     append_audit_events,
     verify_audit_trail,
 )
-from kiki_billing.sources.base import decode_utf8, read_bytes
+from kiki_billing.sources.base import csv_table, decode_utf8, read_bytes
 
 audit_app = typer.Typer(
     name="audit",
@@ -150,19 +149,7 @@ def read_events_csv(path: Path) -> list[AuditEvent]:
     """
     where = str(path)
     text = decode_utf8(read_bytes(path), path)
-    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-    header = [name.strip() for name in (reader.fieldnames or [])]
-    if not header:
-        raise InputError("empty file, expected a header row", file=where, row=1)
-    reader.fieldnames = header
-    for column in EVENT_COLUMNS:
-        if column not in header:
-            raise InputError("missing required column", file=where, row=1, field=column)
-    for column in header:
-        if column not in EVENT_COLUMNS + OPTIONAL_EVENT_COLUMNS:
-            raise InputError("unknown column", file=where, row=1, field=column)
-        if header.count(column) > 1:
-            raise InputError("column appears twice", file=where, row=1, field=column)
+    reader = csv_table(text, where, EVENT_COLUMNS, EVENT_COLUMNS + OPTIONAL_EVENT_COLUMNS)
     events: list[AuditEvent] = []
     try:
         for row in reader:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
-from collections.abc import Mapping
+import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -59,6 +61,40 @@ def decode_utf8(data: bytes, path: Path) -> str:
             file=str(path),
             row=line,
         ) from None
+
+
+def csv_table(
+    text: str,
+    where: str,
+    required: Sequence[str],
+    allowed: Sequence[str] | None = None,
+) -> csv.DictReader[str]:
+    """A CSV reader over ``text`` whose header has been checked.
+
+    Args:
+        text: The decoded file.
+        where: The file name, for errors.
+        required: Columns that must be present.
+        allowed: When given, every column must be one of these (else other columns are kept
+            and ignored by the caller).
+
+    Raises:
+        InputError: An empty file, a missing, unknown or repeated column (row 1).
+    """
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    header = [name.strip() for name in (reader.fieldnames or [])]
+    if not header:
+        raise InputError("empty file, expected a header row", file=where, row=1)
+    reader.fieldnames = header
+    for column in required:
+        if column not in header:
+            raise InputError("missing required column", file=where, row=1, field=column)
+    for column in header:
+        if allowed is not None and column not in allowed:
+            raise InputError("unknown column", file=where, row=1, field=column)
+        if header.count(column) > 1:
+            raise InputError("column appears twice", file=where, row=1, field=column)
+    return reader
 
 
 def sha256_hex(data: bytes) -> str:

@@ -9,14 +9,20 @@ Other columns are ignored.
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from kiki_billing.errors import InputError
 from kiki_billing.models import CampaignMetrics, SourceEvidence
-from kiki_billing.sources.base import MetricsSet, PeriodWindow, decode_utf8, read_bytes, sha256_hex
+from kiki_billing.sources.base import (
+    MetricsSet,
+    PeriodWindow,
+    csv_table,
+    decode_utf8,
+    read_bytes,
+    sha256_hex,
+)
 
 REQUIRED_COLUMNS = ("client_id", "campaign_id", "spend", "ltv")
 OPTIONAL_COLUMNS = ("campaign_name", "platform", "accuracy", "period")
@@ -39,17 +45,8 @@ def read_metrics_file(path: Path, window: PeriodWindow) -> MetricsSet:
     raw = read_bytes(path)
     text = decode_utf8(raw, path)
     where = str(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-    header = [name.strip() for name in (reader.fieldnames or [])]
-    if not header:
-        raise InputError("empty file, expected a header row", file=where, row=1)
-    reader.fieldnames = header
-    for column in REQUIRED_COLUMNS:
-        if column not in header:
-            raise InputError("missing required column", file=where, row=1, field=column)
-    duplicates = {name for name in header if header.count(name) > 1}
-    if duplicates:
-        raise InputError("column appears twice", file=where, row=1, field=sorted(duplicates)[0])
+    reader = csv_table(text, where, REQUIRED_COLUMNS)
+    header = reader.fieldnames or []
     label = window.period.label
     metrics: list[CampaignMetrics] = []
     try:
