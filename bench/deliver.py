@@ -36,16 +36,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters.stripe import (
+from kiki_billing_adapters.stripe import (
     StripeAdapter,
     StripeSettings,
     invoice_total_minor,
 )
+
 from kiki_billing.config import ContractsFile, ExportSettings
-from kiki_billing.hub.adapter import StepContext
-from kiki_billing.hub.dispatcher import Delivery, Hub, plan_deliveries
+from kiki_billing.hub.dispatcher import Hub
 from kiki_billing.hub.keys import idempotency_key
 from kiki_billing.hub.ledger import DeliveryState, Ledger
+from kiki_billing.hub.plan import Delivery, plan_deliveries
 from kiki_billing.hub.settings import HubSettings
 from kiki_billing.logging import configure_logging
 from kiki_billing.models import (
@@ -55,6 +56,7 @@ from kiki_billing.models import (
     Invoice,
     SourceEvidence,
 )
+from kiki_billing.plugin import StepContext
 from kiki_billing.profit_share import compute_run
 from tests.support.fake_stripe import spawn_fake_stripe
 
@@ -204,7 +206,7 @@ def stripe_settings(url: str, rate: float, concurrency: int | None) -> StripeSet
     return StripeSettings(
         api_key=API_KEY,  # type: ignore[arg-type]
         api_base=url,
-        rate_limit=rate,
+        rate_limit=f"{rate:g}/s",
         concurrency=concurrency,
     )
 
@@ -228,15 +230,16 @@ def push_with_hub(
             lease_seconds=hub_settings.lease_seconds,
         )
         try:
-            deliveries, adapters = plan_deliveries(
+            plan = plan_deliveries(
                 invoices,
                 contracts,
                 lambda _name: adapter,
                 known_targets=[StripeAdapter.name],
             )
+            deliveries = plan.deliveries
             hub = Hub(
                 ledger,
-                adapters,
+                plan.adapters,
                 hub_settings.retry_policy(),
                 breaker_threshold=hub_settings.breaker_threshold,
                 breaker_cooldown=hub_settings.breaker_cooldown,
@@ -278,7 +281,7 @@ def push_sequentially(
                         idempotency_key=key,
                     )
                     found = step.skip(ctx) if step.skip is not None else None
-                    refs.update(found if found is not None else step.send(ctx))
+                    refs.update(found if found is not None else step.send(ctx, step.request(ctx)))
             except Exception as exc:
                 failures += 1
                 print(f"  sequential: {invoice.number} failed: {exc}", file=sys.stderr)
@@ -295,6 +298,7 @@ def plain_deliveries(contracts: ContractsFile, invoices: Sequence[Invoice]) -> l
             invoice=inv,
             target="stripe",
             client=model.model_validate(by_id[inv.client_id].target_settings.get("stripe", {})),
+            account="bench",
         )
         for inv in invoices
     ]

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
-from kiki_billing.cli_support import reported_errors
+from kiki_billing.cli_support import console, reported_errors
 from kiki_billing.errors import InputError
-from kiki_billing.money import parse_amount
-from kiki_billing.sources.audit_trail import (
-    AuditEvent,
-    append_audit_events,
-    verify_audit_trail,
-)
-from kiki_billing.sources.base import csv_table, decode_utf8, read_bytes
+
+if TYPE_CHECKING:
+    from kiki_billing.sources.audit_trail import AuditEvent
 
 audit_app = typer.Typer(
     name="audit",
@@ -32,19 +26,19 @@ EVENT_COLUMNS = ("timestamp", "client_id", "campaign_id", "metric", "amount")
 OPTIONAL_EVENT_COLUMNS = ("campaign_name", "platform")
 
 
-def _stdout() -> Console:
-    return Console(highlight=False, soft_wrap=True)
-
-
 @audit_app.command()
 def verify(
     file: Annotated[Path, typer.Argument(help="The audit trail (CSV).", dir_okay=False)],
 ) -> None:
     """Verify the whole hash chain; a broken chain names its first bad record (exit 2)."""
     with reported_errors():
+        from kiki_billing.sources.audit_trail import verify_audit_trail
+
         summary = verify_audit_trail(file)
-        _stdout().print(
-            f"{file}: {summary.records} records, chain intact, head {summary.head}", markup=False
+        console().print(
+            f"{file}: {summary.records} records, chain intact, head {summary.head}",
+            markup=False,
+            soft_wrap=True,
         )
 
 
@@ -81,6 +75,9 @@ def append(
 ) -> None:
     """Append one event (or every event of --from-csv) and print the new chain head."""
     with reported_errors():
+        from kiki_billing.money import parse_amount
+        from kiki_billing.sources.audit_trail import AuditEvent, append_audit_events
+
         single = {
             "--client": client,
             "--campaign": campaign,
@@ -113,7 +110,7 @@ def append(
                 )
             ]
         head = append_audit_events(file, events)
-        _stdout().print(head, markup=False)
+        console().print(head, markup=False, soft_wrap=True)
 
 
 def parse_timestamp(text: str, *, field: str = "timestamp") -> datetime:
@@ -147,6 +144,12 @@ def read_events_csv(path: Path) -> list[AuditEvent]:
         InputError: Unreadable file, a missing or unknown column, or a bad value; names the
             file, the row (the header is row 1) and the field.
     """
+    import csv
+
+    from kiki_billing.money import parse_amount
+    from kiki_billing.sources.audit_trail import AuditEvent
+    from kiki_billing.sources.base import csv_table, decode_utf8, read_bytes
+
     where = str(path)
     text = decode_utf8(read_bytes(path), path)
     reader = csv_table(text, where, EVENT_COLUMNS, EVENT_COLUMNS + OPTIONAL_EVENT_COLUMNS)

@@ -6,20 +6,39 @@ import functools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import typer
-from rich.console import Console
 
 from kiki_billing.errors import KikiError
-from kiki_billing.logging import configure_logging
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# Not on a terminal (a pipe, a CI log) rich would wrap tables at 80 columns.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+@functools.cache
+def console() -> Console:
+    """Standard output (rich is imported on first use, not at start-up)."""
+    from rich.console import Console
+
+    # Not on a terminal (a pipe, a CI log) rich would wrap tables at 80 columns.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+
+
+@functools.cache
+def err_console() -> Console:
+    """Standard error: progress bars, warnings and errors."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (plain text, never markup)."""
+    err_console().print(f"warning: {message}", markup=False)
 
 
 @contextmanager
@@ -28,7 +47,7 @@ def reported_errors() -> Iterator[None]:
     try:
         yield
     except KikiError as exc:
-        err_console.print(f"error: {exc}", markup=False)
+        err_console().print(f"error: {exc}", markup=False)
         raise typer.Exit(exc.exit_code) from None
 
 
@@ -37,8 +56,10 @@ def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        configure_logging()
+        from kiki_billing.logging import configure_logging
+
         with reported_errors():
+            configure_logging()
             return command(*args, **kwargs)
 
     return wrapper

@@ -5,8 +5,23 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 import structlog
+
+
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time.
+
+    A live progress bar that redirects stderr then prints log lines above itself instead of
+    being torn by them.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure_logging(level: str | None = None) -> None:
@@ -15,8 +30,8 @@ def configure_logging(level: str | None = None) -> None:
     Args:
         level: Log level name; defaults to ``KIKI_LOG_LEVEL`` or ``WARNING``.
     """
-    name = (level or os.environ.get("KIKI_LOG_LEVEL") or "WARNING").upper()
-    renderer: structlog.types.Processor = (
+    name = (level or os.environ.get("KIKI_LOG_LEVEL") or "WARNING").strip().upper()
+    renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
         if sys.stderr.isatty()
         else structlog.processors.JSONRenderer(sort_keys=True)
@@ -31,6 +46,6 @@ def configure_logging(level: str | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(name, logging.WARNING)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )

@@ -89,6 +89,8 @@ class BillingPeriod(Frozen):
         match = re.fullmatch(r"(\d{4})-(\d{2})", label.strip())
         if not match or not 1 <= int(match.group(2)) <= 12:
             raise ValueError(f"period must be YYYY-MM, got {label!r}")
+        if not 1970 <= int(match.group(1)) <= 9998:
+            raise ValueError(f"period year must be between 1970 and 9998, got {label!r}")
         year, month = int(match.group(1)), int(match.group(2))
         last = calendar.monthrange(year, month)[1]
         return cls(start=date(year, month, 1), end=date(year, month, last) + timedelta(days=1))
@@ -312,19 +314,25 @@ class Invoice(Frozen):
     client_keeps: Amount
     proof: ProofOfValue
     content_hash: str = ""
+    """:meth:`billing_hash` at issue: identifies what is billed, not where it was read from."""
 
     def canonical_json(self, *, indent: int | None = None) -> str:
         """The invoice as canonical JSON: sorted keys, decimal strings, UTF-8."""
         return canonical_json(self.model_dump(mode="json"), indent=indent)
 
-    def compute_content_hash(self) -> str:
-        """SHA-256 of the canonical JSON of everything but the hash itself."""
-        body = self.model_dump(mode="json", exclude={"content_hash"})
+    def billing_hash(self) -> str:
+        """SHA-256 of what is billed: every field but the evidence (``proof``) and the hash.
+
+        The same invoice computed from a copy of the same data (another folder, another file
+        name, other line endings, another software version) has the same billing hash; a
+        changed amount, line, date, client detail or currency changes it.
+        """
+        body = self.model_dump(mode="json", exclude={"content_hash", "proof"})
         return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
     def sealed(self) -> Invoice:
-        """Return this invoice with its content hash filled in."""
-        return self.model_copy(update={"content_hash": self.compute_content_hash()})
+        """Return this invoice with its content hash (:meth:`billing_hash`) filled in."""
+        return self.model_copy(update={"content_hash": self.billing_hash()})
 
 
 class NotBilled(Frozen):

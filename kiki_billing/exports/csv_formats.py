@@ -10,10 +10,29 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 from datetime import date
+from typing import Literal
 
-from kiki_billing.config import QuickBooksCsvSettings, XeroCsvSettings
-from kiki_billing.models import Invoice
+from kiki_billing.models import Frozen, Invoice
 from kiki_billing.money import format_money
+
+
+class XeroCsvSettings(Frozen):
+    """Options of the Xero sales-invoice import CSV."""
+
+    date_format: Literal["DD/MM/YYYY", "MM/DD/YYYY"] = "DD/MM/YYYY"
+    account_code: str = "200"
+    tax_type: str = "Tax Exempt"
+    branding_theme: str | None = None
+
+
+class QuickBooksCsvSettings(Frozen):
+    """Options of the QuickBooks Online invoice import CSV."""
+
+    date_format: Literal["MM/DD/YYYY", "DD/MM/YYYY"] = "MM/DD/YYYY"
+    item: str = "Profit share"
+    location: str | None = None
+    home_currency: str = "USD"
+
 
 XERO_HEADER = [
     "*ContactName",

@@ -5,18 +5,30 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from kiki_billing.errors import InputError
 
+RUN_FILE_PATTERNS = ("invoices/*.json", "xero-invoices*.csv", "quickbooks-invoices*.csv")
+"""Files a run writes under ``--out``; one left over from an earlier run is removed."""
 
-def write_files_atomically(out_dir: Path, files: Mapping[str, str]) -> list[Path]:
+
+def write_files_atomically(
+    out_dir: Path, files: Mapping[str, str], *, replace: Iterable[str] = ()
+) -> list[Path]:
     """Write every file of ``files`` (relative path -> text) under ``out_dir``.
 
-    Each file is written to a temporary file beside its target, flushed and fsynced, and only
-    when all of them are written are they renamed into place; an error before that removes
-    the temporary files and leaves ``out_dir`` as it was.
+    Each file is written to a temporary file beside its target (readable by its owner only),
+    flushed and fsynced, and only when all of them are written are they renamed into place;
+    an error before that removes the temporary files and leaves ``out_dir`` as it was.
+
+    Args:
+        out_dir: The folder.
+        files: Relative path -> text.
+        replace: Glob patterns (relative to ``out_dir``) of files an earlier run of the same
+            kind wrote: any of them this run did not write is removed once the new files are
+            in place, so no stale invoice stands beside the new summary.
 
     Returns:
         The paths written.
@@ -39,6 +51,11 @@ def write_files_atomically(out_dir: Path, files: Mapping[str, str]) -> list[Path
             staged.append((Path(temp_name), target))
         for staged_path, target in staged:
             os.replace(staged_path, target)
+        written = {target.resolve() for _, target in staged}
+        for pattern in replace:
+            for old in out_dir.glob(pattern):
+                if old.is_file() and old.resolve() not in written:
+                    old.unlink()
     except OSError as exc:
         for staged_path, _ in staged:
             with contextlib.suppress(OSError):

@@ -1,60 +1,176 @@
-"""Rate limits and circuit breakers, one of each per (target, provider account)."""
+"""Rate limits and circuit breakers, one of each per (target, provider account).
+
+:class:`AccountLimiter` keeps an account under every window the provider publishes
+(``100/s``; ``60/min`` and ``5000/day``; ...) counted the strictest way: at most N requests in
+*any* interval of the window's length, as a sliding-window provider counts them. It spaces
+requests evenly at the shortest window's rate instead of letting a burst out after a pause or
+at start-up, keeps a little headroom under each window for network jitter, holds a concurrency
+cap, and adapts when the provider answers 429 anyway: a ``Retry-After`` pauses the whole
+account; a 429 without one slows the pace a little and recovers it slowly, so one throttle
+never stalls the account for long.
+"""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from kiki_billing.plugin import RateLimit, RateLimitedError, RateWindow
 
-class TokenBucket:
-    """A token bucket that hands out send slots at ``rate`` per second, ``burst`` at once.
+# NOTE: 4% under every window (at least one request): a request's arrival at the provider
+# lags its departure by a varying latency, so two requests sent just over a window apart can
+# arrive just inside one. With 100/s this paces at 96/s (wall time 1.04x the bound).
+HEADROOM = 0.04
+# A 429 without Retry-After slows the pace by this factor, down to FLOOR of the published
+# rate; every RECOVER_AFTER requests without a 429 win back RECOVER_STEP of it.
+SLOWDOWN = 0.9
+LOCAL_LIMIT = "local_rate_limit"
+"""The code of a :class:`RateLimitedError` raised here, before any request was sent."""
+FLOOR = 0.5
+RECOVER_AFTER = 50
+RECOVER_STEP = 0.02
 
-    Callers reserve a slot and sleep outside the lock until it comes due, so many threads
-    share one account's rate fairly and none spins. A provider's ``Retry-After`` pauses the
-    whole bucket (:meth:`pause`), so no thread of the account sends until it has passed.
+
+@dataclass
+class _Window:
+    requests: int
+    seconds: float
+    name: str
+    sent: deque[float] = field(default_factory=deque)
+
+
+class AccountLimiter:
+    """Paces the requests of one provider account (thread-safe; one per account per process).
+
+    Args:
+        limit: The account's windows and concurrency cap.
+        clock: Monotonic seconds (tests inject one).
+        sleep: Sleeps (tests inject one).
+        max_wait: A wait longer than this is not slept: :meth:`acquire` raises
+            :class:`RateLimitedError` instead, and the hub defers the delivery.
     """
 
     def __init__(
         self,
-        rate: float,
-        burst: int = 1,
+        limit: RateLimit,
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        max_wait: float = 120.0,
     ) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = rate
-        self.burst = max(1, burst)
+        if not limit.windows:
+            raise ValueError("a rate limit needs at least one window")
+        self.limit = limit
         self._clock = clock
         self._sleep = sleep
+        self.max_wait = max_wait
         self._lock = threading.Lock()
-        self._tokens = float(self.burst)
-        self._stamp = clock()
-        self._paused_until = 0.0
+        self._windows = [
+            _Window(max(1, w.requests - math.ceil(w.requests * HEADROOM)), w.seconds, w.name)
+            for w in sorted(limit.windows, key=lambda w: w.seconds)
+        ]
+        self._pace = 1.0
+        self._since_throttle = 0
+        self._last = -math.inf
+        self._paused_until = -math.inf
+        self._slots = threading.BoundedSemaphore(max(1, limit.concurrency))
+        self.waited = 0.0
+        self.throttled = 0
+        self.requests = 0
 
-    def acquire(self, requests: int = 1) -> float:
-        """Wait for slots for ``requests`` requests sent back to back; return the seconds waited."""
+    @property
+    def interval(self) -> float:
+        """Seconds between two requests at the current pace."""
+        shortest = self._windows[0]
+        return shortest.seconds / (shortest.requests * self._pace)
+
+    def _due(self, now: float) -> tuple[float, str | None]:
+        due = max(now, self._last + self.interval, self._paused_until)
+        reason = "paused" if self._paused_until > now else None
+        for window in self._windows:
+            while window.sent and window.sent[0] <= now - window.seconds:
+                window.sent.popleft()
+            if len(window.sent) >= window.requests:
+                # NOTE: a millisecond past the window, so a provider that counts both ends
+                # of its interval still sees at most N.
+                free_at = window.sent[-window.requests] + window.seconds + 0.001
+                if free_at > due:
+                    due, reason = free_at, window.name
+        return due, reason
+
+    def reserve(self) -> float:
+        """Reserve the next send slot; return the seconds until it comes due (not slept).
+
+        Raises:
+            RateLimitedError: The slot is further away than ``max_wait`` (a day limit used
+                up, a long pause): nothing is reserved.
+        """
         with self._lock:
             now = self._clock()
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            self._tokens -= requests
-            due = now if self._tokens >= 0 else now - self._tokens / self.rate
-            due = max(due, self._paused_until)
-        wait = due - now
+            due, reason = self._due(now)
+            wait = due - now
+            if wait > self.max_wait:
+                raise RateLimitedError(
+                    code=LOCAL_LIMIT,
+                    message=f"rate limit ({reason or 'window'}) reached for this account; "
+                    f"next request possible in {wait:.0f} s",
+                    window=reason,
+                    retry_after=wait,
+                )
+            self._last = due
+            for window in self._windows:
+                window.sent.append(due)
+            self.requests += 1
+            self._since_throttle += 1
+            if self._pace < 1.0 and self._since_throttle % RECOVER_AFTER == 0:
+                self._pace = min(1.0, self._pace + RECOVER_STEP)
+            return max(0.0, wait)
+
+    def acquire(self) -> float:
+        """Wait for the next send slot; return the seconds waited."""
+        wait = self.reserve()
         if wait > 0:
             self._sleep(wait)
-        return max(wait, 0.0)
+            with self._lock:
+                self.waited += wait
+        return wait
 
-    def pause(self, seconds: float) -> None:
-        """Hold every slot of this account for ``seconds`` (the provider said so)."""
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Hold one of the account's concurrent slots, then a rate slot, around one request.
+
+        The concurrency slot is taken first, so the request leaves no earlier than the rate
+        slot it reserved.
+        """
+        with self._slots:
+            self.acquire()
+            yield
+
+    def throttled_by_provider(self, retry_after: float | None, window: str | None = None) -> float:
+        """The provider answered 429: pause or slow down; return the wait before a retry.
+
+        Args:
+            retry_after: The provider's ``Retry-After``, when it sent one: every request of
+                the account waits that long.
+            window: Which of the provider's limits it was (``day`` pauses until ``retry_after``
+                like any other).
+        """
         with self._lock:
+            self.throttled += 1
             now = self._clock()
-            self._paused_until = max(self._paused_until, now + seconds)
-            self._tokens = min(self._tokens, 0.0)
+            self._since_throttle = 0
+            if retry_after is not None:
+                self._paused_until = max(self._paused_until, now + retry_after)
+                return retry_after
+            self._pace = max(FLOOR, self._pace * SLOWDOWN)
+            # The window frees a slot within one interval: wait that long, not a backoff.
+            self._paused_until = max(self._paused_until, now + self.interval)
+            return self.interval
 
 
 @dataclass
@@ -103,3 +219,6 @@ class CircuitBreaker:
         """True while deliveries are being deferred."""
         with self._lock:
             return self._opened_at is not None
+
+
+__all__ = ["AccountLimiter", "CircuitBreaker", "RateLimit", "RateWindow"]

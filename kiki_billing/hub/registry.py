@@ -7,13 +7,14 @@ package registers its own, so the core never imports an adapter by name.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from importlib.metadata import EntryPoint, entry_points
-
-from pydantic import ValidationError
+from typing import Any
 
 from kiki_billing.errors import ConfigurationError
-from kiki_billing.hub.adapter import AdapterSettings, BillingAdapter
+from kiki_billing.plugin import BillingAdapter, CredentialStore
 
 ENTRY_POINT_GROUP = "kiki_billing.adapters"
 
@@ -30,9 +31,22 @@ class AdapterInfo:
     description: str
     load_error: str | None = None
 
+    @property
+    def install(self) -> str | None:
+        """The command that installs the adapter's SDK, ready to paste into a shell."""
+        if self.sdk_present or not self.extra:
+            return None
+        return f"pip install 'kiki-billing[{self.extra}]'"
 
+
+@cache
 def _entry_points() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def reset_cache() -> None:
+    """Forget the entry points read so far (tests that install an adapter at run time)."""
+    _entry_points.cache_clear()
 
 
 def known_adapter_names() -> list[str]:
@@ -40,7 +54,7 @@ def known_adapter_names() -> list[str]:
     return sorted(_entry_points())
 
 
-def load_adapter_class(name: str) -> type[BillingAdapter]:
+def load_adapter_class(name: str) -> type[BillingAdapter[Any, Any]]:
     """The adapter class registered as ``name``.
 
     Raises:
@@ -70,30 +84,24 @@ def load_adapter_class(name: str) -> type[BillingAdapter]:
     return cls
 
 
-def adapter_settings(cls: type[BillingAdapter]) -> AdapterSettings:
-    """Read an adapter's settings from the environment.
+CredentialsFactory = Callable[[str, str], CredentialStore]
 
-    Raises:
-        ConfigurationError: A required variable is missing or a value is malformed; names the
-            variable, never its value.
+
+def create_adapter(
+    name: str, credentials: CredentialsFactory | None = None
+) -> BillingAdapter[Any, Any]:
+    """Load, configure and instantiate the adapter ``name``.
+
+    Args:
+        name: The target name.
+        credentials: Makes the credential store of ``(target, account)``; without it the
+            adapter keeps refreshed tokens in memory only.
     """
-    try:
-        return cls.settings_model()
-    except ValidationError as exc:
-        prefix = str(cls.settings_model.model_config.get("env_prefix", ""))
-        first = exc.errors()[0]
-        variable = (prefix + "_".join(str(p) for p in first["loc"])).upper()
-        if first["type"] == "missing":
-            raise ConfigurationError(f"adapter {cls.name!r}: {variable} is not set") from None
-        raise ConfigurationError(
-            f"adapter {cls.name!r}: {variable} is invalid: {first['msg']}"
-        ) from None
-
-
-def create_adapter(name: str) -> BillingAdapter:
-    """Load, configure and instantiate the adapter ``name``."""
     cls = load_adapter_class(name)
-    return cls(adapter_settings(cls))
+    adapter = cls(cls.read_settings())
+    if credentials is not None:
+        adapter.credentials = credentials(name, adapter.account)
+    return adapter
 
 
 def describe_adapters() -> list[AdapterInfo]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kiki_billing.hub.ledger import Ledger, default_ledger_url
+from kiki_billing.errors import ConfigurationError
 from kiki_billing.hub.retry import RetryPolicy
+
+# NOTE: SQLAlchemy dialects whose driver ships with an extra of ours.
+_DRIVER_EXTRAS = {"postgresql": "postgres", "postgres": "postgres"}
 
 
 def _default_data_dir() -> Path:
@@ -18,7 +21,7 @@ def _default_data_dir() -> Path:
 
 
 class HubSettings(BaseSettings):
-    """Ledger location, retry policy and circuit breaker (``KIKI_LEDGER_URL``, ...)."""
+    """Ledger location, retry policy, circuit breaker and leases (``KIKI_LEDGER_URL``, ...)."""
 
     model_config = SettingsConfigDict(env_prefix="KIKI_", extra="ignore", frozen=True)
 
@@ -26,13 +29,13 @@ class HubSettings(BaseSettings):
     """Any SQLAlchemy URL; default: a SQLite file in ``data_dir``."""
     data_dir: Path = Field(default_factory=_default_data_dir)
     retry_max_attempts: int = Field(default=6, ge=1, le=50)
-    retry_max_seconds: float = Field(default=300.0, gt=0)
-    retry_initial_wait: float = Field(default=0.5, ge=0)
-    retry_max_wait: float = Field(default=30.0, ge=0)
-    retry_max_retry_after: float = Field(default=120.0, ge=0)
-    breaker_threshold: int = Field(default=5, ge=1)
-    breaker_cooldown: float = Field(default=60.0, ge=0)
-    lease_seconds: float = Field(default=120.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0, le=86400)
+    retry_initial_wait: float = Field(default=0.5, ge=0, le=3600)
+    retry_max_wait: float = Field(default=30.0, ge=0, le=3600)
+    retry_max_retry_after: float = Field(default=120.0, ge=0, le=86400)
+    breaker_threshold: int = Field(default=5, ge=1, le=10000)
+    breaker_cooldown: float = Field(default=60.0, ge=0, le=86400)
+    lease_seconds: float = Field(default=120.0, ge=5, le=86400)
 
     def retry_policy(self) -> RetryPolicy:
         """The retry policy these settings describe."""
@@ -44,7 +47,31 @@ class HubSettings(BaseSettings):
             max_retry_after=self.retry_max_retry_after,
         )
 
-    def open_ledger(self) -> Ledger:
-        """Open (and create if needed) the ledger."""
-        url = self.ledger_url or default_ledger_url(self.data_dir)
-        return Ledger(url, lease_seconds=self.lease_seconds)
+    def ledger_location(self) -> str:
+        """The ledger's URL (the default SQLite file is not created here)."""
+        return self.ledger_url or f"sqlite:///{self.data_dir / 'ledger.sqlite3'}"
+
+
+def load_hub_settings() -> HubSettings:
+    """The hub's settings from the environment.
+
+    Raises:
+        ConfigurationError: A value is malformed or out of range; names the variable, never
+            the value.
+    """
+    try:
+        return HubSettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        variable = "KIKI_" + "_".join(str(p) for p in first["loc"]).upper()
+        reason = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigurationError(f"{variable} is invalid: {reason}") from None
+
+
+def driver_hint(url: str) -> str:
+    """What to install for a ledger URL's database driver."""
+    scheme = url.partition("://")[0].partition("+")[0]
+    extra = _DRIVER_EXTRAS.get(scheme)
+    if extra:
+        return f"pip install 'kiki-billing[{extra}]'"
+    return "install the SQLAlchemy driver it names"

@@ -20,6 +20,9 @@ class MetricsSet:
 
     metrics: tuple[CampaignMetrics, ...]
     evidence: SourceEvidence
+    undated: bool = False
+    """The rows carry no period: they are taken as the billed period's (a metrics file
+    without a ``period`` column)."""
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def read_metrics_file(path: Path, window: PeriodWindow) -> MetricsSet:
         sha256=sha256_hex(raw),
         record_count=len(metrics),
     )
-    return MetricsSet(metrics=tuple(metrics), evidence=evidence)
+    return MetricsSet(metrics=tuple(metrics), evidence=evidence, undated="period" not in header)
 
 
 def _check_period_label(value: str, where: str, line: int) -> None:

@@ -14,18 +14,22 @@ from typing import Any, ClassVar, Literal
 
 from pydantic_settings import SettingsConfigDict
 
-from kiki_billing.hub.adapter import (
+from kiki_billing.plugin import (
     AdapterSettings,
     BillingAdapter,
     ClientSettings,
+    DeliveryError,
+    Invoice,
     RateLimit,
+    RateLimitedError,
+    RateWindow,
     Step,
     StepContext,
     StepRequest,
+    TerminalError,
+    TransientError,
+    to_minor_units,
 )
-from kiki_billing.hub.errors import DeliveryError, RateLimitedError, TerminalError, TransientError
-from kiki_billing.models import Invoice
-from kiki_billing.money import to_minor_units
 
 
 @dataclass(frozen=True)
@@ -112,45 +116,67 @@ class MemoryClientSettings(ClientSettings):
     customer: str | None = None
 
 
-class MemoryAdapter(BillingAdapter):
-    """Delivers to a :class:`MemoryBillingSystem` (tests and adapter authors)."""
+MemoryStep = Step[MemoryClientSettings]
+MemoryContext = StepContext[MemoryClientSettings]
+
+
+class MemoryAdapter(BillingAdapter[MemorySettings, MemoryClientSettings]):
+    """Delivers to a :class:`MemoryBillingSystem` (tests and adapter authors).
+
+    Steps: customer (looked up by client id), draft (looked up by invoice number), one step
+    per line (looked up on the draft), finalize (looked up by status).
+    """
 
     name = "memory"
-    settings_model = MemorySettings
-    client_settings_model = MemoryClientSettings
     client_refs = ("customer_id",)
-    default_rate_limit: ClassVar[RateLimit] = RateLimit(per_second=1000.0, burst=100, concurrency=4)
+    default_rate_limit: ClassVar[RateLimit] = RateLimit((RateWindow(1000, 1.0),), concurrency=4)
     system: ClassVar[MemoryBillingSystem] = MemoryBillingSystem()
 
     def __init__(
-        self, settings: AdapterSettings | None = None, system: MemoryBillingSystem | None = None
+        self,
+        settings: MemorySettings | None = None,
+        system: MemoryBillingSystem | None = None,
+        account: str = "default",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(settings or MemorySettings())
+        super().__init__(settings or MemorySettings(), **kwargs)
         self.provider = system or type(self).system
+        self._account = account
 
-    def steps(self, invoice: Invoice, client: ClientSettings) -> Sequence[Step]:
+    @property
+    def account(self) -> str:
+        """The account given at construction (tests push to several)."""
+        return self._account
+
+    def steps(self, invoice: Invoice, client: MemoryClientSettings) -> Sequence[MemoryStep]:
         """customer, draft, one step per line, finalize."""
-        assert isinstance(client, MemoryClientSettings)
         p = self.provider
 
-        def customer(ctx: StepContext) -> Mapping[str, str]:
+        def send_customer(ctx: MemoryContext, request: StepRequest) -> Mapping[str, str]:
             def write() -> str:
                 cid = p.new_id("cus")
-                p.customers[cid] = {"client_id": invoice.client_id}
+                p.customers[cid] = {"client_id": request.payload["client"]}
                 return cid
 
             return {"customer_id": p.call("create_customer", ctx.idempotency_key, write)}
 
-        def skip_customer(ctx: StepContext) -> Mapping[str, str] | None:
-            known = client.customer or ctx.refs.get("customer_id")
+        def find_customer(ctx: MemoryContext) -> Mapping[str, str] | None:
+            p.calls.append(("find_customer", None))
+            for cid, customer in p.customers.items():
+                if customer["client_id"] == invoice.client_id:
+                    return {"customer_id": cid}
+            return None
+
+        def skip_customer(ctx: MemoryContext) -> Mapping[str, str] | None:
+            known = ctx.client.customer or ctx.refs.get("customer_id")
             return {"customer_id": known} if known else None
 
-        def draft(ctx: StepContext) -> Mapping[str, str]:
+        def send_draft(ctx: MemoryContext, request: StepRequest) -> Mapping[str, str]:
             def write() -> str:
                 iid = p.new_id("inv")
                 p.invoices[iid] = {
-                    "number": invoice.number,
-                    "customer": ctx.refs["customer_id"],
+                    "number": request.payload["number"],
+                    "customer": request.payload["customer"],
                     "lines": {},
                     "status": "draft",
                 }
@@ -158,20 +184,25 @@ class MemoryAdapter(BillingAdapter):
 
             return {"invoice_id": p.call("create_invoice", ctx.idempotency_key, write)}
 
-        def find_draft(ctx: StepContext) -> Mapping[str, str] | None:
+        def find_draft(ctx: MemoryContext) -> Mapping[str, str] | None:
             p.calls.append(("find_invoice", None))
             for iid, inv in p.invoices.items():
                 if inv["number"] == invoice.number:
                     return {"invoice_id": iid}
             return None
 
-        def line_step(line_no: int, amount_minor: int) -> Step:
-            def send(ctx: StepContext) -> Mapping[str, str]:
+        def line_step(line_no: int, amount_minor: int) -> MemoryStep:
+            def send(ctx: MemoryContext, request: StepRequest) -> Mapping[str, str]:
                 def write() -> str:
-                    p.invoices[ctx.refs["invoice_id"]]["lines"][line_no] = amount_minor
+                    p.invoices[request.payload["invoice"]]["lines"][line_no] = amount_minor
                     return f"line_{line_no}"
 
                 return {f"line_{line_no}": p.call("add_line", ctx.idempotency_key, write)}
+
+            def find(ctx: MemoryContext) -> Mapping[str, str] | None:
+                p.calls.append(("find_line", None))
+                lines = p.invoices.get(ctx.refs.get("invoice_id", ""), {}).get("lines", {})
+                return {f"line_{line_no}": f"line_{line_no}"} if line_no in lines else None
 
             return Step(
                 f"line-{line_no}",
@@ -181,14 +212,21 @@ class MemoryAdapter(BillingAdapter):
                     {"invoice": ctx.refs.get("invoice_id", "{invoice_id}"), "amount": amount_minor},
                 ),
                 send=send,
+                lookup=find,
+                new_under="draft",
             )
 
-        def finalize(ctx: StepContext) -> Mapping[str, str]:
+        def finalize(ctx: MemoryContext, request: StepRequest) -> Mapping[str, str]:
             def write() -> str:
                 p.invoices[ctx.refs["invoice_id"]]["status"] = "open"
                 return "open"
 
             return {"status": p.call("finalize", ctx.idempotency_key, write)}
+
+        def find_finalized(ctx: MemoryContext) -> Mapping[str, str] | None:
+            p.calls.append(("find_status", None))
+            status = p.invoices.get(ctx.refs.get("invoice_id", ""), {}).get("status")
+            return {"status": status} if status == "open" else None
 
         return [
             Step(
@@ -196,7 +234,8 @@ class MemoryAdapter(BillingAdapter):
                 request=lambda ctx: StepRequest(
                     "POST", "/customers", {"client": invoice.client_id}
                 ),
-                send=customer,
+                send=send_customer,
+                lookup=find_customer,
                 skip=skip_customer,
             ),
             Step(
@@ -209,8 +248,9 @@ class MemoryAdapter(BillingAdapter):
                         "customer": ctx.refs.get("customer_id", "{customer_id}"),
                     },
                 ),
-                send=draft,
+                send=send_draft,
                 lookup=find_draft,
+                new_under="customer",
             ),
             *(
                 line_step(line.line_no, to_minor_units(line.fee, invoice.currency))
@@ -222,6 +262,8 @@ class MemoryAdapter(BillingAdapter):
                     "POST", f"/invoices/{ctx.refs.get('invoice_id', '{invoice_id}')}/finalize"
                 ),
                 send=finalize,
+                lookup=find_finalized,
+                new_under="draft",
             ),
         ]
 

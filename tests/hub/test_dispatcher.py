@@ -29,6 +29,7 @@ def test_push_runs_every_step_with_derived_keys(make_hub, system, ledger: Ledger
     (outcome,) = make_hub().push(deliveries(inv))
     assert outcome.state is DeliveryState.DELIVERED
     assert [op for op, _ in system.calls] == [
+        "find_customer",
         "create_customer",
         "create_invoice",
         "add_line",
@@ -155,7 +156,7 @@ def test_live_holder_is_not_disturbed(make_hub, system, ledger) -> None:
     other.owner = f"{os.uname().nodename}:{os.getpid()}:other"
     (outcome,) = other.push(deliveries(inv))
     assert outcome.state is DeliveryState.IN_FLIGHT
-    assert outcome.note == "being delivered by another process"
+    assert (outcome.note or "").startswith("being delivered by another process")
     assert system.calls == []
 
 
@@ -166,7 +167,7 @@ def test_circuit_breaker_defers_a_failing_target(make_hub, system) -> None:
     assert all(o.state is DeliveryState.DEFERRED for o in outcomes)
     # Up to four deliveries run at once; once the circuit opens the rest never reach the provider.
     assert sum("circuit open" in (o.error or "") for o in outcomes) >= 3
-    assert len({key for _, key in system.calls}) <= 5
+    assert len({key for _, key in system.calls if key}) <= 5
 
 
 def test_changed_content_under_the_same_number_is_refused(make_hub, system) -> None:
@@ -193,8 +194,34 @@ def test_customer_id_is_reused_next_period(make_hub, system) -> None:
 
 
 class TestMemoryAdapterContract(AdapterContractSuite):
+    registered = False
+
+    @pytest.fixture(autouse=True)
+    def _system(self) -> None:
+        self.system = MemoryBillingSystem()
+
     def adapter(self) -> MemoryAdapter:
-        return MemoryAdapter(system=MemoryBillingSystem())
+        return MemoryAdapter(system=self.system)
+
+    def sample_errors(self):
+        from kiki_billing.testing.memory import MemoryProviderError
+
+        return {
+            "throttled": MemoryProviderError(429, "slow down", 1.0),
+            "unavailable": MemoryProviderError(503, "down"),
+            "connection": MemoryProviderError(None, "reset"),
+            "invalid": MemoryProviderError(400, "bad"),
+        }
+
+    def upstream_invoices(self, invoice) -> int:
+        return len(self.system.invoices_numbered(invoice.number))
+
+    def inject(self, kind: str, *, after_write: bool) -> None:
+        fault = {"unavailable": "unavailable", "connection": "reset"}[kind]
+        self.system.faults.append(Fault(fault, after_write=after_write))
+
+    def expire_keys(self) -> None:
+        self.system._replies.clear()
 
 
 def test_a_second_number_for_the_same_client_and_period_is_refused(make_hub, system) -> None:

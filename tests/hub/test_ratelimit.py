@@ -1,11 +1,22 @@
 from __future__ import annotations
 
+import itertools
+import threading
+import time
+
 import pytest
 
-from kiki_billing.hub.errors import TerminalError, TransientError
 from kiki_billing.hub.keys import KEY_LENGTH, idempotency_key
-from kiki_billing.hub.ratelimit import CircuitBreaker, TokenBucket
+from kiki_billing.hub.ratelimit import AccountLimiter, CircuitBreaker
 from kiki_billing.hub.retry import RetryPolicy, run_with_retry
+from kiki_billing.plugin import (
+    RateLimit,
+    RateLimitedError,
+    RateWindow,
+    TerminalError,
+    TransientError,
+    parse_rate_limit,
+)
 
 
 class FakeClock:
@@ -19,28 +30,116 @@ class FakeClock:
         self.now += seconds
 
 
-def test_token_bucket_spaces_requests_at_the_rate() -> None:
+def limiter(*windows: tuple[int, float], concurrency: int = 4, **kw: object):
     clock = FakeClock()
-    bucket = TokenBucket(5.0, burst=1, clock=clock, sleep=clock.sleep)
-    for _ in range(11):
-        bucket.acquire()
-    assert clock.now == pytest.approx(2.0)  # 1 immediately, then 10 at 5/s
+    limit = RateLimit(tuple(RateWindow(n, s) for n, s in windows), concurrency)
+    return AccountLimiter(limit, clock=clock, sleep=clock.sleep, **kw), clock  # type: ignore[arg-type]
 
 
-def test_token_bucket_allows_its_burst_then_the_rate() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(10.0, burst=5, clock=clock, sleep=clock.sleep)
-    waits = [bucket.acquire() for _ in range(7)]
-    assert waits[:5] == [0.0] * 5
-    assert clock.now == pytest.approx(0.2)
+def max_in_any_window(times: list[float], seconds: float) -> int:
+    times = sorted(times)
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while times[start] <= t - seconds:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
 
 
-def test_token_bucket_pause_holds_every_slot() -> None:
-    clock = FakeClock()
-    bucket = TokenBucket(100.0, burst=10, clock=clock, sleep=clock.sleep)
-    bucket.pause(3.0)
-    bucket.acquire()
+def test_limiter_spaces_requests_evenly_under_the_window_with_headroom() -> None:
+    lim, clock = limiter((100, 1.0))
+    sent = []
+    for _ in range(500):
+        lim.acquire()
+        sent.append(clock.now)
+    # 4% headroom: 96 per second, evenly spaced, never a burst.
+    assert max_in_any_window(sent, 1.0) <= 96
+    assert sent[-1] == pytest.approx(499 / 96, rel=2e-3)
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert min(gaps) == pytest.approx(1 / 96)
+
+
+def test_limiter_does_not_burst_after_a_pause_in_traffic() -> None:
+    lim, clock = limiter((100, 1.0))
+    for _ in range(10):
+        lim.acquire()
+    clock.now += 30.0  # idle: a token bucket as deep as its rate would now release 100 at once
+    start = clock.now
+    sent = []
+    for _ in range(10):
+        lim.acquire()
+        sent.append(clock.now - start)
+    assert sent[-1] == pytest.approx(9 / 96, rel=2e-3)
+
+
+def test_limiter_keeps_every_window_at_once() -> None:
+    # QuickBooks: 10/s and 500/min; 5000/day beside 60/min for Xero.
+    lim, clock = limiter((10, 1.0), (500, 60.0))
+    sent = []
+    for _ in range(1500):
+        lim.acquire()
+        sent.append(clock.now)
+    assert max_in_any_window(sent, 1.0) <= 10
+    assert max_in_any_window(sent, 60.0) <= 480
+    assert clock.now > 120  # the minute window, not the second one, sets the pace
+
+
+def test_limiter_defers_instead_of_sleeping_out_a_day_window() -> None:
+    lim, _ = limiter((5, 60.0), (20, 86400.0), max_wait=120.0)
+    for _ in range(19):  # 4% headroom: 19 of the day's 20
+        lim.acquire()
+    with pytest.raises(RateLimitedError) as caught:
+        lim.acquire()
+    assert caught.value.window == "day"
+    assert caught.value.retry_after is not None and caught.value.retry_after > 80000
+
+
+def test_retry_after_pauses_the_account_and_a_bare_429_slows_it_briefly() -> None:
+    lim, clock = limiter((100, 1.0))
+    lim.acquire()
+    assert lim.throttled_by_provider(3.0) == 3.0
+    lim.acquire()
     assert clock.now == pytest.approx(3.0)
+    wait = lim.throttled_by_provider(None)
+    assert wait < 0.02  # a slot frees within one interval: no second-long stall
+    before = lim.interval
+    assert before > 1 / 96  # and the pace slowed a little
+    for _ in range(2000):
+        lim.acquire()
+    assert lim.interval == pytest.approx(1 / 96)  # recovered
+
+
+def test_limiter_holds_the_concurrency_cap() -> None:
+    lim, _ = limiter((1000, 1.0), concurrency=2)
+    in_flight = []
+    peak = [0]
+    lock = threading.Lock()
+
+    def request() -> None:
+        with lim.request():
+            with lock:
+                in_flight.append(1)
+                peak[0] = max(peak[0], len(in_flight))
+            time.sleep(0.01)
+            with lock:
+                in_flight.pop()
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert peak[0] == 2
+
+
+def test_rate_limit_settings_parse_windows() -> None:
+    assert parse_rate_limit("100") == (RateWindow(100, 1.0),)
+    assert parse_rate_limit("500/min, 10/s") == (RateWindow(10, 1.0), RateWindow(500, 60.0))
+    assert parse_rate_limit("5000/day") == (RateWindow(5000, 86400.0),)
+    assert parse_rate_limit("0.5") == (RateWindow(1, 2.0),)
+    for bad in ("", "abc", "10/fortnight", "-1", "0", "1.5/min"):
+        with pytest.raises(ValueError):
+            parse_rate_limit(bad)
 
 
 def test_circuit_breaker_opens_then_lets_one_trial_through() -> None:

@@ -2,7 +2,8 @@
 
 They go through the same adapter contract as the billing systems: one ``write`` step per
 invoice, idempotent by content (a file that already holds the same bytes is left alone, one
-that holds other bytes is a terminal error, never overwritten).
+that holds other bytes is a terminal error, never overwritten). Rendering lives in
+:mod:`kiki_billing.exports`; these classes only deliver what it renders.
 """
 
 from __future__ import annotations
@@ -10,25 +11,33 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 from pydantic_settings import SettingsConfigDict
 
-from kiki_billing.config import ContractsFile, QuickBooksCsvSettings, XeroCsvSettings
-from kiki_billing.exports.csv_formats import render_quickbooks_csv, render_xero_csv
+from kiki_billing.exports.csv_formats import (
+    QuickBooksCsvSettings,
+    XeroCsvSettings,
+    render_quickbooks_csv,
+    render_xero_csv,
+)
 from kiki_billing.exports.files import write_files_atomically
 from kiki_billing.exports.json_export import invoice_document
-from kiki_billing.hub.adapter import (
+from kiki_billing.plugin import (
     AdapterSettings,
     BillingAdapter,
     ClientSettings,
+    DeliveryError,
+    InputError,
+    Invoice,
+    NoClientSettings,
     RateLimit,
+    RateWindow,
     Step,
     StepContext,
     StepRequest,
+    TerminalError,
 )
-from kiki_billing.hub.errors import DeliveryError, TerminalError
-from kiki_billing.models import Invoice
 
 
 class FileTargetSettings(AdapterSettings):
@@ -37,16 +46,19 @@ class FileTargetSettings(AdapterSettings):
     dir: Path = Path("kiki-out/exports")
 
 
-class FileTarget(BillingAdapter):
-    """Base of the file targets: one file per invoice, written atomically."""
+FileSettingsT = TypeVar("FileSettingsT", bound=FileTargetSettings)
+FileClientT = TypeVar("FileClientT", bound=ClientSettings)
+
+
+class FileTarget(BillingAdapter[FileSettingsT, FileClientT], Generic[FileSettingsT, FileClientT]):
+    """Base of the file targets: one file per invoice, written atomically (owner-only)."""
 
     suffix: ClassVar[str]
-    default_rate_limit: ClassVar[RateLimit] = RateLimit(per_second=1000.0, burst=100, concurrency=4)
+    default_rate_limit: ClassVar[RateLimit] = RateLimit((RateWindow(100_000, 1.0),), concurrency=4)
 
     @property
     def directory(self) -> Path:
         """The folder files are written to."""
-        assert isinstance(self.settings, FileTargetSettings)
         return self.settings.dir
 
     @property
@@ -54,7 +66,7 @@ class FileTarget(BillingAdapter):
         """One "account" per folder."""
         return str(self.directory.resolve())
 
-    def render(self, invoice: Invoice, client: ClientSettings) -> str:
+    def render(self, invoice: Invoice, client: FileClientT) -> str:
         """The file's content."""
         raise NotImplementedError
 
@@ -62,33 +74,37 @@ class FileTarget(BillingAdapter):
         """Where the invoice's file goes."""
         return self.directory / f"{invoice.number}.r{invoice.revision}{self.suffix}"
 
-    def steps(self, invoice: Invoice, client: ClientSettings) -> Sequence[Step]:
+    def steps(self, invoice: Invoice, client: FileClientT) -> Sequence[Step[FileClientT]]:
         """A single ``write`` step."""
-        content = self.render(invoice, client)
-        digest = hashlib.sha256(content.encode()).hexdigest()
+        content = self.render(invoice, client).encode()
+        digest = hashlib.sha256(content).hexdigest()
         path = self.path(invoice)
+        written = {"path": str(path), "sha256": digest}
 
-        def request(_: StepContext) -> StepRequest:
-            return StepRequest(
-                "WRITE", str(path), {"bytes": len(content.encode()), "sha256": digest}
-            )
+        def request(_: StepContext[FileClientT]) -> StepRequest:
+            return StepRequest("WRITE", str(path), {"bytes": len(content), "sha256": digest})
 
-        def existing(_: StepContext) -> Mapping[str, str] | None:
-            if not path.exists():
+        def existing(_: StepContext[FileClientT]) -> Mapping[str, str] | None:
+            try:
+                held = path.read_bytes()
+            except FileNotFoundError:
                 return None
-            if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            if hashlib.sha256(held).hexdigest() != digest:
                 raise TerminalError(f"{path} exists with other content; not overwritten")
-            return {"path": str(path), "sha256": digest}
+            return written
 
-        def send(_: StepContext) -> Mapping[str, str]:
-            write_files_atomically(path.parent, {path.name: content})
-            return {"path": str(path), "sha256": digest}
+        def send(_: StepContext[FileClientT], __: StepRequest) -> Mapping[str, str]:
+            try:
+                write_files_atomically(path.parent, {path.name: content.decode()})
+            except InputError as exc:
+                raise TerminalError(exc.message) from None
+            return written
 
-        return [Step("write", request=request, send=send, lookup=existing, skip=existing)]
+        return [Step("write", request=request, send=send, skip=existing)]
 
     def classify(self, error: Exception) -> DeliveryError:
         """Filesystem errors are terminal: retrying will not free a full disk."""
-        return TerminalError(str(error))
+        return TerminalError(f"{type(error).__name__}: {error}")
 
 
 class JsonSettings(FileTargetSettings):
@@ -98,14 +114,13 @@ class JsonSettings(FileTargetSettings):
     dir: Path = Path("kiki-out/exports/json")
 
 
-class JsonFileAdapter(FileTarget):
+class JsonFileAdapter(FileTarget[JsonSettings, NoClientSettings]):
     """Canonical JSON file per invoice."""
 
     name = "json"
     suffix = ".json"
-    settings_model = JsonSettings
 
-    def render(self, invoice: Invoice, client: ClientSettings) -> str:
+    def render(self, invoice: Invoice, client: NoClientSettings) -> str:
         """The invoice's canonical JSON."""
         return invoice_document(invoice)
 
@@ -123,21 +138,15 @@ class QuickBooksCsvSettingsEnv(FileTargetSettings):
     dir: Path = Path("kiki-out/exports/quickbooks")
 
 
-class QuickBooksCsvAdapter(FileTarget):
+class QuickBooksCsvAdapter(FileTarget[QuickBooksCsvSettingsEnv, QuickBooksCsvClientSettings]):
     """QuickBooks Online invoice-import CSV file per invoice."""
 
     name = "quickbooks_csv"
     suffix = ".csv"
-    settings_model = QuickBooksCsvSettingsEnv
-    client_settings_model = QuickBooksCsvClientSettings
+    defaults_tables = ("exports.quickbooks",)
 
-    def client_defaults(self, contracts: ContractsFile) -> dict[str, Any]:
-        """``[exports.quickbooks]`` of the contracts file."""
-        return contracts.exports.quickbooks.model_dump()
-
-    def render(self, invoice: Invoice, client: ClientSettings) -> str:
+    def render(self, invoice: Invoice, client: QuickBooksCsvClientSettings) -> str:
         """The QuickBooks import rows of the invoice."""
-        assert isinstance(client, QuickBooksCsvSettings)
         return render_quickbooks_csv([invoice], client)
 
 
@@ -152,19 +161,21 @@ class XeroCsvSettingsEnv(FileTargetSettings):
     dir: Path = Path("kiki-out/exports/xero")
 
 
-class XeroCsvAdapter(FileTarget):
+class XeroCsvAdapter(FileTarget[XeroCsvSettingsEnv, XeroCsvClientSettings]):
     """Xero sales-invoice import CSV file per invoice."""
 
     name = "xero_csv"
     suffix = ".csv"
-    settings_model = XeroCsvSettingsEnv
-    client_settings_model = XeroCsvClientSettings
+    defaults_tables = ("exports.xero",)
 
-    def client_defaults(self, contracts: ContractsFile) -> dict[str, Any]:
-        """``[exports.xero]`` of the contracts file."""
-        return contracts.exports.xero.model_dump()
-
-    def render(self, invoice: Invoice, client: ClientSettings) -> str:
+    def render(self, invoice: Invoice, client: XeroCsvClientSettings) -> str:
         """The Xero import rows of the invoice."""
-        assert isinstance(client, XeroCsvSettings)
         return render_xero_csv([invoice], client)[0]
+
+
+__all__ = [
+    "FileTarget",
+    "JsonFileAdapter",
+    "QuickBooksCsvAdapter",
+    "XeroCsvAdapter",
+]

@@ -250,6 +250,6 @@ def test_content_hash_covers_the_content() -> None:
     other = invoice_for(contract, [metrics("acme", "a", "100.00", "400.01")])
     assert isinstance(inv, Invoice) and isinstance(again, Invoice) and isinstance(other, Invoice)
     assert len(inv.content_hash) == 64
-    assert inv.content_hash == again.content_hash == inv.compute_content_hash()
+    assert inv.content_hash == again.content_hash == inv.billing_hash()
     assert other.content_hash != inv.content_hash
     assert inv.revision == 0

@@ -41,6 +41,8 @@ from tests.support.prometheus import (
 )
 from tests.support.servers import free_port
 
+CASSETTE_TOPIC = "source_prometheus"
+
 HOUR = 3600
 DAY = 24 * HOUR
 P_START = 1767225600  # 2026-01-01T00:00:00Z

@@ -503,10 +503,12 @@ def test_two_concurrent_pushes_deliver_each_invoice_once(
         # Started at the same moment on the same (at first not yet created) ledger.
         first, second = workspace.start_push(period), workspace.start_push(period)
         codes = [first.wait(timeout=RUN_TIMEOUT), second.wait(timeout=RUN_TIMEOUT)]
-        # A delivery "being delivered by another process" is fine (exit 0) for the other one.
-        assert codes == [0, 0], (
+        # A push that met deliveries "being delivered by another process" exits 1 (not all
+        # settled by it); a later push then finds everything delivered and exits 0.
+        assert set(codes) <= {0, 1}, (
             f"{codes}\n{workspace.log_tail(workspace.runs - 1)}\n{workspace.log_tail()}"
         )
+        workspace.push_to_completion(period)
     assert_delivered_exactly_once(workspace)
     # Each delivery was claimed once and each step sent once: no process redid another's work.
     assert {row["attempts"] for row in workspace.status()} == {1}
@@ -550,5 +552,6 @@ def test_one_of_two_concurrent_pushes_killed_and_restarted(
 
     assert stats.kills >= CHAOS_KILLS, report
     assert stats.mid_delivery >= 2, report
-    # A push that was not killed ended cleanly, even beside dying ones.
-    assert stats.exit_codes.keys() <= {0}, report
+    # A push that was not killed ended cleanly (1: another push held some deliveries), even
+    # beside dying ones.
+    assert stats.exit_codes.keys() <= {0, 1}, report

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "kiki_billing" / "data"
 
-METRICS = "client_id,campaign_id,spend,ltv\nacme,campaign_001,36000.00,130090.00\n"
+METRICS = "client_id,campaign_id,spend,ltv,period\nacme,campaign_001,36000.00,130090.00,2026-01\n"
 
 
 def contracts(tmp_path: Path, targets: str, extra: str = "") -> Path:
@@ -90,9 +90,10 @@ def test_dry_run_sends_and_records_nothing(tmp_path: Path) -> None:
     done = run(tmp_path, *push_args(tmp_path, file, "--dry-run"))
     assert done.returncode == 0, done.stderr
     assert (
-        "json: 1 invoices" in done.stdout
+        "json (account " in done.stdout
+        and "): 1 invoices" in done.stdout
         and "WRITE" in done.stdout
-        and "ledger: new" in done.stdout
+        and "new: would send" in done.stdout
     )
     assert not (tmp_path / "kiki-out").exists()
     status = run(tmp_path, "status", "--json")
@@ -146,6 +147,10 @@ def test_malformed_client_setting_names_file_and_field(tmp_path: Path) -> None:
 
 def test_settings_for_an_unknown_target_are_refused(tmp_path: Path) -> None:
     file = contracts(tmp_path, '["json"]', '[clients.stirpe]\ncollection = "now"\n')
+    assert_one_line_error(
+        run(tmp_path, *push_args(tmp_path, file)), "'stirpe' is not in its targets"
+    )
+    file = contracts(tmp_path, '["json", "stirpe"]', '[clients.stirpe]\ncollection = "now"\n')
     assert_one_line_error(run(tmp_path, *push_args(tmp_path, file)), "unknown target 'stirpe'")
 
 
@@ -166,8 +171,14 @@ from pathlib import Path
 
 from pydantic_settings import SettingsConfigDict
 
-from kiki_billing.hub.adapter import AdapterSettings, BillingAdapter, Step, StepRequest
-from kiki_billing.hub.errors import TerminalError
+from kiki_billing.plugin import (
+    AdapterSettings,
+    BillingAdapter,
+    NoClientSettings,
+    Step,
+    StepRequest,
+    TerminalError,
+)
 
 
 class AcmeLedgerSettings(AdapterSettings):
@@ -175,22 +186,28 @@ class AcmeLedgerSettings(AdapterSettings):
     path: Path
 
 
-class AcmeLedgerAdapter(BillingAdapter):
+class AcmeLedgerAdapter(BillingAdapter[AcmeLedgerSettings, NoClientSettings]):
     """Appends invoices to a text ledger (a third-party adapter)."""
 
     name = "acme_ledger"
-    settings_model = AcmeLedgerSettings
 
     def steps(self, invoice, client) -> Sequence[Step]:
         line = f"{invoice.number} {invoice.client_id} {invoice.total_fee} {invoice.currency}"
 
-        def send(ctx) -> Mapping[str, str]:
-            with open(self.settings.path, "a") as handle:
-                handle.write(f"{line} {ctx.idempotency_key}\\n")
+        def request(ctx) -> StepRequest:
+            return StepRequest("APPEND", str(self.settings.path), {"line": line})
+
+        def send(ctx, request) -> Mapping[str, str]:
+            with open(request.path, "a") as handle:
+                handle.write(f"{request.payload['line']} {ctx.idempotency_key}\\n")
             return {"line": line}
 
-        request = lambda ctx: StepRequest("APPEND", str(self.settings.path))  # noqa: E731
-        return [Step("post", request=request, send=send)]
+        def lookup(ctx) -> Mapping[str, str] | None:
+            path = Path(self.settings.path)
+            held = path.read_text().splitlines() if path.exists() else []
+            return {"line": line} if any(h.startswith(line + " ") for h in held) else None
+
+        return [Step("post", request=request, send=send, lookup=lookup)]
 
     def classify(self, error):
         return TerminalError(str(error))
@@ -221,8 +238,14 @@ def test_a_third_party_adapter_registers_through_entry_points(tmp_path: Path) ->
 
 @pytest.mark.parametrize("command", ["status", "retry"])
 def test_bad_ledger_url_is_a_clear_error(tmp_path: Path, command: str) -> None:
+    file = contracts(tmp_path, '["json"]')
     done = run(
-        tmp_path, command, env={"KIKI_LEDGER_URL": "postgresql+psycopg://u:pw@127.0.0.1:1/x"}
+        tmp_path,
+        command,
+        env={
+            "KIKI_LEDGER_URL": "postgresql+psycopg://u:pw@127.0.0.1:1/x",
+            "KIKI_CONTRACTS": str(file),
+        },
     )
     assert_one_line_error(done, "cannot open the ledger postgresql+psycopg://u:***@127.0.0.1:1/x")
 

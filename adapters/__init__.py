@@ -1,1 +1,0 @@
-"""Billing-system adapters shipped with kiki-billing (found through entry points)."""

@@ -1,0 +1,455 @@
+"""The Stripe adapter: customer, draft, one invoice item per line, finalize, collect.
+
+The ``stripe`` package is imported only when a request is sent or an error classified, so
+``kiki-billing`` works without it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+from kiki_billing.plugin import (
+    AmountLimitError,
+    BillingAdapter,
+    DeliveryError,
+    Invoice,
+    InvoiceLine,
+    RateLimit,
+    RateWindow,
+    Step,
+    StepContext,
+    StepRequest,
+    TerminalError,
+)
+
+from .errors import classify_stripe_error
+from .settings import StripeClientSettings, StripeSettings
+from .wire import (
+    CUSTOMER_ID,
+    DEFAULT_CONCURRENCY,
+    INVOICE_ID,
+    INVOICE_NUMBER,
+    INVOICE_STATUS,
+    LIST_PAGE_SIZE,
+    LIVE_RATE,
+    MAX_AMOUNT_MINOR,
+    MAX_CUSTOMER_EMAIL,
+    MAX_CUSTOMER_NAME,
+    MAX_INVOICE_DESCRIPTION,
+    MAX_INVOICE_ITEMS,
+    MAX_ITEM_DESCRIPTION,
+    TEST_RATE,
+    customer_search_query,
+    invoice_description,
+    invoice_total_minor,
+    line_item_ref,
+    stripe_amount,
+    to_stripe_customer,
+    to_stripe_finalize,
+    to_stripe_invoice,
+    to_stripe_invoice_item,
+)
+
+if TYPE_CHECKING:
+    from stripe import StripeClient
+
+StripeStep = Step[StripeClientSettings]
+StripeContext = StepContext[StripeClientSettings]
+
+
+class StripeAdapter(BillingAdapter[StripeSettings, StripeClientSettings]):
+    """Stripe invoices: customer, draft, one invoice item per line, finalize, collect."""
+
+    name = "stripe"
+    description = "Stripe Invoicing (one-off invoices with invoice items)"
+    extra = "stripe"
+    requires = ("stripe",)
+    client_refs = (CUSTOMER_ID,)
+    defaults_tables = ()
+    default_rate_limit: ClassVar[RateLimit] = RateLimit(
+        (RateWindow(int(LIVE_RATE), 1.0),), concurrency=DEFAULT_CONCURRENCY
+    )
+
+    def __init__(self, settings: StripeSettings, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self._client: StripeClient | None = None
+        self._lock = threading.Lock()
+
+    # -- account and limits -----------------------------------------------------------------
+
+    @property
+    def account(self) -> str:
+        """``test:``/``live:`` plus ``KIKI_STRIPE_ACCOUNT`` or a fingerprint of the key."""
+        return self.settings.account_id
+
+    def published_rate_limit(self) -> RateLimit:
+        """25 req/s for test keys, 100 for live (Stripe's published limits), 10 in flight."""
+        rate = TEST_RATE if self.settings.test_mode else LIVE_RATE
+        return RateLimit((RateWindow(int(rate), 1.0),), concurrency=DEFAULT_CONCURRENCY)
+
+    # -- SDK --------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> StripeClient:
+        """The SDK client, built on first use (the ``stripe`` import happens here)."""
+        with self._lock:
+            if self._client is None:
+                import stripe
+
+                # NOTE: telemetry headers describe earlier requests; keep them off the wire
+                # and out of cassettes (PROVIDERS.md).
+                stripe.enable_telemetry = False
+                settings = self.settings
+                # NOTE: max_network_retries=0: retries live in the hub, with the same key.
+                self._client = stripe.StripeClient(
+                    settings.api_key.get_secret_value(),
+                    base_addresses={"api": settings.api_base},
+                    max_network_retries=0,
+                    stripe_version=settings.api_version,
+                    http_client=_http_client(stripe, settings.api_base),
+                )
+            return self._client
+
+    def close(self) -> None:
+        """Drop the SDK client and its HTTP session."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            requestor = getattr(client, "_requestor", None)
+            http = getattr(requestor, "_client", None)
+            close = getattr(http, "close", None)
+            if callable(close):
+                close()
+
+    # -- validation -------------------------------------------------------------------------
+
+    def validate(self, invoice: Invoice, client: StripeClientSettings) -> None:
+        """Refuse what Stripe would refuse, before any call.
+
+        Raises:
+            AmountLimitError: An amount or the total Stripe cannot represent.
+            TerminalError: More than 250 lines, or a text over Stripe's length limits.
+        """
+        if len(invoice.lines) > MAX_INVOICE_ITEMS:
+            raise TerminalError(
+                f"invoice {invoice.number} has {len(invoice.lines)} lines; a Stripe invoice "
+                f"takes at most {MAX_INVOICE_ITEMS} invoice items",
+                code="too_many_invoice_items",
+            )
+        total = invoice_total_minor(invoice)
+        if abs(total) > MAX_AMOUNT_MINOR:
+            raise AmountLimitError(
+                f"invoice {invoice.number} totals {total:,} {invoice.currency} minor units; "
+                f"Stripe accepts at most {MAX_AMOUNT_MINOR:,}"
+            )
+        stripe_amount(invoice.total_fee, invoice.currency)
+        if len(invoice_description(invoice)) > MAX_INVOICE_DESCRIPTION:
+            raise TerminalError(f"invoice {invoice.number}: description too long for Stripe")
+        for line in invoice.lines:
+            if len(line.description) > MAX_ITEM_DESCRIPTION:
+                raise TerminalError(
+                    f"invoice {invoice.number} line {line.line_no}: description longer than "
+                    f"Stripe's {MAX_ITEM_DESCRIPTION} characters"
+                )
+        if len(invoice.client_name) > MAX_CUSTOMER_NAME:
+            raise TerminalError(f"client name longer than Stripe's {MAX_CUSTOMER_NAME} characters")
+        if invoice.client_email and len(invoice.client_email) > MAX_CUSTOMER_EMAIL:
+            raise TerminalError(
+                f"client email longer than Stripe's {MAX_CUSTOMER_EMAIL} characters"
+            )
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def steps(self, invoice: Invoice, client: StripeClientSettings) -> Sequence[StripeStep]:
+        """customer, draft, ``line-<n>`` per line, finalize, and collect unless ``auto``."""
+        steps: list[StripeStep] = [
+            Step(
+                "customer",
+                request=lambda ctx: StepRequest(
+                    "POST", "/v1/customers", to_stripe_customer(ctx.invoice)
+                ),
+                send=self._send_customer,
+                lookup=self._lookup_customer,
+                skip=_skip_customer,
+            ),
+            Step(
+                "draft",
+                request=lambda ctx: StepRequest(
+                    "POST",
+                    "/v1/invoices",
+                    to_stripe_invoice(
+                        ctx.invoice, ctx.client, ctx.refs.get(CUSTOMER_ID, "{customer_id}")
+                    ),
+                ),
+                send=self._send_draft,
+                lookup=self._lookup_draft,
+                new_under="customer",
+            ),
+        ]
+        for line in invoice.lines:
+            steps.append(
+                Step(
+                    f"line-{line.line_no}",
+                    request=partial(_line_request, line=line),
+                    send=partial(self._send_line, line=line),
+                    lookup=partial(self._lookup_line, line=line),
+                    new_under="draft",
+                )
+            )
+        steps.append(
+            Step(
+                "finalize",
+                request=lambda ctx: StepRequest(
+                    "POST",
+                    _fill("/v1/invoices/{invoice_id}/finalize", ctx.refs),
+                    to_stripe_finalize(ctx.client),
+                ),
+                send=self._send_finalize,
+                lookup=self._lookup_finalize,
+                new_under="draft",
+            )
+        )
+        # NOTE: with collection "auto", finalize sets auto_advance=true and Stripe charges and
+        # retries by itself (its Smart Retries), so there is nothing for the hub to collect.
+        if client.collection != "auto":
+            action = "pay" if client.collection == "now" else "send"
+            steps.append(
+                Step(
+                    "collect",
+                    request=lambda ctx: StepRequest(
+                        "POST", _fill(f"/v1/invoices/{{invoice_id}}/{action}", ctx.refs), {}
+                    ),
+                    send=self._send_collect,
+                    lookup=self._lookup_collect,
+                    new_under="draft",
+                    skip=_skip_collect,
+                )
+            )
+        return steps
+
+    # customer
+
+    def _lookup_customer(self, ctx: StripeContext) -> Mapping[str, str] | None:
+        # NOTE: Search is not read-after-write (a customer can take up to a minute to show);
+        # a customer created moments ago is caught by the idempotency key instead.
+        found = self.client.v1.customers.search(
+            params={"query": customer_search_query(ctx.invoice.client_id), "limit": 1}
+        )
+        for customer in found.data:
+            return {CUSTOMER_ID: str(customer.id)}
+        return None
+
+    def _send_customer(self, ctx: StripeContext, request: StepRequest) -> Mapping[str, str]:
+        customer = self.client.v1.customers.create(
+            params=cast(Any, dict(request.payload)),
+            options={"idempotency_key": ctx.idempotency_key},
+        )
+        return {CUSTOMER_ID: str(customer.id)}
+
+    # draft
+
+    def _send_draft(self, ctx: StripeContext, request: StepRequest) -> Mapping[str, str]:
+        created = self.client.v1.invoices.create(
+            params=cast(Any, dict(request.payload)),
+            options={"idempotency_key": ctx.idempotency_key},
+        )
+        return {INVOICE_ID: str(created.id)}
+
+    def _lookup_draft(self, ctx: StripeContext) -> Mapping[str, str] | None:
+        customer_id = ctx.refs.get(CUSTOMER_ID)
+        if not customer_id:
+            return None
+        number, revision = ctx.invoice.number, str(ctx.invoice.revision)
+        # NOTE: Search is not read-after-write (PROVIDERS.md), so a draft created just before a
+        # crash may not be found by /v1/invoices/search yet: list the customer's invoices.
+        pages = _paginate(
+            lambda params: self.client.v1.invoices.list(
+                params=cast(Any, {"customer": customer_id, **params})
+            ),
+            ctx.throttle,
+        )
+        for invoice in pages:
+            metadata = invoice.get("metadata") or {}
+            if (
+                metadata.get("kiki_invoice_number") == number
+                and metadata.get("kiki_revision") == revision
+            ):
+                return _status_refs(invoice) | {INVOICE_ID: str(invoice["id"])}
+        return None
+
+    # lines
+
+    def _send_line(
+        self, ctx: StripeContext, request: StepRequest, *, line: InvoiceLine
+    ) -> Mapping[str, str]:
+        item = self.client.v1.invoice_items.create(
+            params=cast(Any, dict(request.payload)),
+            options={"idempotency_key": ctx.idempotency_key},
+        )
+        return {line_item_ref(line.line_no): str(item.id)}
+
+    def _lookup_line(self, ctx: StripeContext, *, line: InvoiceLine) -> Mapping[str, str] | None:
+        invoice_id = ctx.refs.get(INVOICE_ID)
+        if not invoice_id:
+            return None
+        wanted = str(line.line_no)
+        # NOTE: in API 2023-08-16 an invoice line of type=invoiceitem carries the invoice
+        # item's metadata and its id in `invoice_item` (spec: line_item.metadata/invoice_item).
+        pages = _paginate(
+            lambda params: self.client.v1.invoices.line_items.list(
+                invoice_id, params=cast(Any, params)
+            ),
+            ctx.throttle,
+        )
+        for item in pages:
+            metadata = item.get("metadata") or {}
+            if (
+                metadata.get("kiki_line_no") == wanted
+                and metadata.get("kiki_invoice_number") == ctx.invoice.number
+            ):
+                item_id = item.get("invoice_item") or item["id"]
+                if isinstance(item_id, dict):
+                    item_id = item_id["id"]
+                return {line_item_ref(line.line_no): str(item_id)}
+        return None
+
+    # finalize
+
+    def _send_finalize(self, ctx: StripeContext, request: StepRequest) -> Mapping[str, str]:
+        invoice = self.client.v1.invoices.finalize_invoice(
+            _invoice_id(ctx),
+            params=cast(Any, dict(request.payload)),
+            options={"idempotency_key": ctx.idempotency_key},
+        )
+        return _status_refs(_plain(invoice))
+
+    def _lookup_finalize(self, ctx: StripeContext) -> Mapping[str, str] | None:
+        invoice_id = ctx.refs.get(INVOICE_ID)
+        if not invoice_id:
+            return None
+        status = ctx.refs.get(INVOICE_STATUS)
+        if status and status != "draft":  # the draft's look-up already saw it finalized
+            return {INVOICE_STATUS: status}
+        invoice = _plain(self.client.v1.invoices.retrieve(invoice_id))
+        return None if invoice.get("status") == "draft" else _status_refs(invoice)
+
+    # collect
+
+    def _send_collect(self, ctx: StripeContext, request: StepRequest) -> Mapping[str, str]:
+        invoice_id = _invoice_id(ctx)
+        options: Any = {"idempotency_key": ctx.idempotency_key}
+        params = cast(Any, dict(request.payload))
+        if ctx.client.collection == "now":
+            invoice = self.client.v1.invoices.pay(invoice_id, params=params, options=options)
+        else:
+            invoice = self.client.v1.invoices.send_invoice(
+                invoice_id, params=params, options=options
+            )
+        return _status_refs(_plain(invoice))
+
+    def _lookup_collect(self, ctx: StripeContext) -> Mapping[str, str] | None:
+        invoice_id = ctx.refs.get(INVOICE_ID)
+        if not invoice_id:
+            return None
+        invoice = _plain(self.client.v1.invoices.retrieve(invoice_id))
+        status = invoice.get("status")
+        if ctx.client.collection == "now":
+            return _status_refs(invoice) if status == "paid" else None
+        # NOTE: Stripe records no "sent" state on an invoice (2023-08-16 status_transitions has
+        # finalized/paid/voided/uncollectible only; sending shows as an invoice.sent event).
+        # An open invoice is sent (again): at worst a second email, never a second invoice.
+        return _status_refs(invoice) if status in ("paid", "void", "uncollectible") else None
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def classify(self, error: Exception) -> DeliveryError:
+        """Map a ``stripe`` exception to a transient or terminal error (see ``errors.py``)."""
+        return classify_stripe_error(error)
+
+
+def _http_client(stripe: Any, api_base: str) -> Any:
+    """A requests-based HTTP client that reads proxy settings once, not on every request."""
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    session = requests.Session()
+    # NOTE: a Session merges proxy settings from the environment on every request unless
+    # trust_env is off (profiled: the larger part of the hub's CPU per Stripe request); they
+    # are read once here. stripe-python passes its own CA bundle, so nothing else is lost.
+    session.proxies.update(requests.utils.get_environ_proxies(api_base))
+    session.trust_env = False
+    # One session serves every worker thread of the account: a pool as large as they are.
+    pooled = HTTPAdapter(pool_connections=4, pool_maxsize=64)
+    session.mount("https://", pooled)
+    session.mount("http://", pooled)
+    return stripe.RequestsClient(session=session)
+
+
+def _skip_customer(ctx: StripeContext) -> Mapping[str, str] | None:
+    configured = ctx.client.customer
+    if configured:
+        return {CUSTOMER_ID: configured}
+    known = ctx.refs.get(CUSTOMER_ID)
+    return {CUSTOMER_ID: known} if known else None
+
+
+def _line_request(ctx: StripeContext, *, line: InvoiceLine) -> StepRequest:
+    return StepRequest(
+        "POST", "/v1/invoiceitems", to_stripe_invoice_item(ctx.invoice, line, ctx.refs)
+    )
+
+
+def _skip_collect(ctx: StripeContext) -> Mapping[str, str] | None:
+    # NOTE: an invoice with nothing due is marked paid when finalized; /pay and /send would
+    # then fail with a 400, so there is nothing left to collect.
+    if ctx.refs.get(INVOICE_STATUS) == "paid":
+        return {INVOICE_STATUS: "paid"}
+    return None
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    """A Stripe object as a plain dict (a StripeObject is not a dict)."""
+    if isinstance(obj, dict):
+        return obj
+    return cast(dict[str, Any], obj.to_dict())
+
+
+def _fill(template: str, refs: Mapping[str, str]) -> str:
+    """Put the known ids into a path template; unknown ones stay ``{placeholders}``."""
+    for name in (CUSTOMER_ID, INVOICE_ID):
+        if name in refs:
+            template = template.replace("{" + name + "}", refs[name])
+    return template
+
+
+def _invoice_id(ctx: StripeContext) -> str:
+    value = ctx.refs.get(INVOICE_ID)
+    if not value:
+        raise TerminalError("the Stripe step needs invoice_id, which no earlier step recorded")
+    return value
+
+
+def _status_refs(invoice: Mapping[str, Any]) -> dict[str, str]:
+    refs = {INVOICE_ID: str(invoice["id"])}
+    for ref, key in ((INVOICE_STATUS, "status"), (INVOICE_NUMBER, "number")):
+        if invoice.get(key):
+            refs[ref] = str(invoice[key])
+    return refs
+
+
+def _paginate(
+    fetch: Callable[[dict[str, Any]], Any], throttle: Callable[[], object]
+) -> Iterator[dict[str, Any]]:
+    """Every object of a Stripe list, following ``starting_after`` cursors."""
+    params: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
+    while True:
+        page = _plain(fetch(dict(params)))
+        data = page.get("data") or []
+        yield from data
+        if not page.get("has_more") or not data:
+            return
+        throttle()  # the next page is another request of the account
+        params["starting_after"] = data[-1]["id"]

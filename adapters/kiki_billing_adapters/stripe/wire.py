@@ -1,0 +1,228 @@
+"""Pure payload mappers: our invoice to Stripe's wire format, tested without a server.
+
+Every function here builds exactly the parameters the adapter sends (and ``--dry-run`` shows);
+none does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from kiki_billing.plugin import (
+    MONEY_CONTEXT,
+    AmountLimitError,
+    InputError,
+    Invoice,
+    InvoiceLine,
+    currency_exponent,
+)
+
+from .settings import StripeClientSettings
+
+# NOTE: Stripe's currency rules (PROVIDERS.md, stripe.com/docs/currencies): zero-decimal
+# currencies are sent in whole units, even where ISO 4217 gives them decimals (MGA, UGX).
+_ZERO_DECIMALS = "BIF CLP DJF GNF JPY KMF KRW MGA PYG RWF UGX VND VUV XAF XOF XPF"
+ZERO_DECIMAL_CURRENCIES = frozenset(_ZERO_DECIMALS.split())
+# NOTE: three-decimal currencies are sent x1000 and the last digit must be 0 (PROVIDERS.md).
+_THREE_DECIMALS = "BHD JOD KWD OMR TND"
+THREE_DECIMAL_CURRENCIES = frozenset(_THREE_DECIMALS.split())
+# NOTE: ISK is zero-decimal in ISO 4217 but Stripe takes it with two decimals, divisible by 100.
+TWO_DECIMAL_WHOLE_CURRENCIES = frozenset({"ISK"})
+# NOTE: 99,999,999 minor units is Stripe's maximum amount for most currencies (PROVIDERS.md).
+MAX_AMOUNT_MINOR = 99_999_999
+# NOTE: Stripe caps an invoice at 250 invoice items (PROVIDERS.md).
+MAX_INVOICE_ITEMS = 250
+# NOTE: maxLength of description in the 2023-08-16 spec: invoice 1500, invoice item 5000;
+# customer name 256 and email 512 (fake_stripe models the same limits).
+MAX_INVOICE_DESCRIPTION = 1500
+MAX_ITEM_DESCRIPTION = 5000
+MAX_CUSTOMER_NAME = 256
+MAX_CUSTOMER_EMAIL = 512
+# NOTE: Stripe's published rate limits: 100 operations/s live, 25/s in test mode (PROVIDERS.md).
+LIVE_RATE = 100.0
+TEST_RATE = 25.0
+DEFAULT_CONCURRENCY = 10
+LIST_PAGE_SIZE = 100
+
+CUSTOMER_ID = "customer_id"
+INVOICE_ID = "invoice_id"
+INVOICE_STATUS = "invoice_status"
+INVOICE_NUMBER = "invoice_number"
+
+
+def stripe_amount(amount: Decimal, currency: str) -> int:
+    """Convert a major-unit amount to the integer Stripe expects for ``currency``.
+
+    Args:
+        amount: The amount in the currency's major unit (may be negative).
+        currency: ISO 4217 code, any case.
+
+    Returns:
+        The amount in Stripe's minor units.
+
+    Raises:
+        AmountLimitError: The currency is unknown, the amount cannot be represented under
+            Stripe's rules for the currency, or it exceeds 99,999,999 minor units.
+    """
+    code = currency.upper()
+    if code in ZERO_DECIMAL_CURRENCIES:
+        exponent = 0
+    elif code in THREE_DECIMAL_CURRENCIES:
+        exponent = 3
+    elif code in TWO_DECIMAL_WHOLE_CURRENCIES:
+        exponent = 2
+    else:
+        try:
+            exponent = currency_exponent(code)
+        except InputError as exc:
+            raise AmountLimitError(exc.message) from None
+    scaled = amount.scaleb(exponent, context=MONEY_CONTEXT)
+    if scaled != scaled.to_integral_value():
+        if code in ZERO_DECIMAL_CURRENCIES:
+            raise AmountLimitError(
+                f"{amount} {code}: Stripe takes {code} in whole units (zero-decimal currency)"
+            )
+        raise AmountLimitError(f"{amount} {code} is not a whole number of {code} minor units")
+    minor = int(scaled)
+    if code in THREE_DECIMAL_CURRENCIES and minor % 10:
+        raise AmountLimitError(
+            f"{amount} {code}: Stripe requires amounts in three-decimal currencies "
+            f"({', '.join(sorted(THREE_DECIMAL_CURRENCIES))}) to end in 0 (got {minor} "
+            "minor units)"
+        )
+    if code in TWO_DECIMAL_WHOLE_CURRENCIES and minor % 100:
+        raise AmountLimitError(
+            f"{amount} {code}: Stripe takes {code} with two decimals that must be 00 (divisible "
+            f"by 100; got {minor})"
+        )
+    if abs(minor) > MAX_AMOUNT_MINOR:
+        raise AmountLimitError(
+            f"{amount} {code} is {minor:,} minor units; Stripe accepts at most {MAX_AMOUNT_MINOR:,}"
+        )
+    return minor
+
+
+def collection_method(client: StripeClientSettings) -> str:
+    """Stripe's ``collection_method`` for the client's collection mode."""
+    return "send_invoice" if client.collection == "send_invoice" else "charge_automatically"
+
+
+def customer_search_query(client_id: str) -> str:
+    """The Stripe Search query that finds the client's customer by its metadata."""
+    quoted = client_id.replace("\\", "\\\\").replace("'", "\\'")
+    return f"metadata['kiki_client_id']:'{quoted}'"
+
+
+def to_stripe_customer(invoice: Invoice) -> dict[str, Any]:
+    """``POST /v1/customers`` params for the invoice's client.
+
+    Args:
+        invoice: The invoice whose client is to become a Stripe customer.
+
+    Returns:
+        ``name``, ``email`` (when known) and ``metadata[kiki_client_id]``.
+    """
+    params: dict[str, Any] = {"name": invoice.client_name}
+    if invoice.client_email:
+        params["email"] = invoice.client_email
+    params["metadata"] = {"kiki_client_id": invoice.client_id}
+    return params
+
+
+def invoice_description(invoice: Invoice) -> str:
+    """The memo shown on the Stripe invoice."""
+    text = f"Profit share {invoice.period}, invoice {invoice.number}"
+    return f"{text} (revision {invoice.revision})" if invoice.revision else text
+
+
+def to_stripe_invoice(
+    invoice: Invoice, client: StripeClientSettings, customer_id: str = "{customer_id}"
+) -> dict[str, Any]:
+    """``POST /v1/invoices`` params: an empty draft the hub fills and finalizes step by step.
+
+    Args:
+        invoice: The invoice.
+        client: The client's Stripe settings (collection mode).
+        customer_id: The Stripe customer, or the ``{customer_id}`` placeholder (dry run).
+
+    Returns:
+        The params, exactly as sent.
+    """
+    params: dict[str, Any] = {
+        "customer": customer_id,
+        "currency": invoice.currency.lower(),
+        "collection_method": collection_method(client),
+    }
+    # NOTE: days_until_due/due_date are refused unless collection_method=send_invoice
+    # (PROVIDERS.md; the 2023-08-16 spec says "Valid only for ... send_invoice").
+    if client.collection == "send_invoice":
+        params["days_until_due"] = invoice.payment_terms_days
+    # NOTE: auto_advance=false while the hub drives the steps; otherwise Stripe finalizes the
+    # draft by itself about an hour after creation, possibly before every line is on it.
+    params["auto_advance"] = False
+    # NOTE: "exclude" (2023-08-16 enum: exclude, include, include_and_require) keeps the
+    # customer's stray pending invoice items off our invoice; we attach ours with invoice=.
+    params["pending_invoice_items_behavior"] = "exclude"
+    params["description"] = invoice_description(invoice)
+    metadata = {
+        "kiki_invoice_number": invoice.number,
+        "kiki_revision": str(invoice.revision),
+        "kiki_client_id": invoice.client_id,
+        "kiki_content_hash": invoice.content_hash,
+        "kiki_period": invoice.period,
+    }
+    # NOTE: an empty metadata value means "unset this key" to Stripe, so none is sent.
+    params["metadata"] = {key: value for key, value in metadata.items() if value}
+    return params
+
+
+def to_stripe_invoice_item(
+    invoice: Invoice, line: InvoiceLine, refs: Mapping[str, str]
+) -> dict[str, Any]:
+    """``POST /v1/invoiceitems`` params: one invoice line, attached to the draft.
+
+    Args:
+        invoice: The invoice.
+        line: The line; its fee may be negative (a fee-cap adjustment).
+        refs: Ids so far; ``{customer_id}``/``{invoice_id}`` placeholders stand in for missing
+            ones.
+
+    Returns:
+        The params, exactly as sent.
+
+    Raises:
+        AmountLimitError: The fee cannot be sent to Stripe.
+    """
+    return {
+        "customer": refs.get(CUSTOMER_ID, "{customer_id}"),
+        "invoice": refs.get(INVOICE_ID, "{invoice_id}"),
+        "amount": stripe_amount(line.fee, invoice.currency),
+        "currency": invoice.currency.lower(),
+        "description": line.description,
+        "metadata": {"kiki_invoice_number": invoice.number, "kiki_line_no": str(line.line_no)},
+    }
+
+
+def to_stripe_finalize(client: StripeClientSettings) -> dict[str, Any]:
+    """``POST /v1/invoices/{invoice}/finalize`` params.
+
+    ``auto_advance=true`` (collection ``auto``) hands the open invoice to Stripe, which charges
+    and retries by itself; otherwise the ``collect`` step pays or sends it.
+    """
+    return {"auto_advance": client.collection == "auto"}
+
+
+def line_item_ref(line_no: int) -> str:
+    """The ref under which a line's invoice item id is recorded."""
+    return f"invoice_item_{line_no}"
+
+
+def invoice_total_minor(invoice: Invoice) -> int:
+    """The invoice total as Stripe will compute it: the sum of the lines in minor units.
+
+    Raises:
+        AmountLimitError: A line cannot be sent to Stripe.
+    """
+    return sum(stripe_amount(line.fee, invoice.currency) for line in invoice.lines)

@@ -1,0 +1,606 @@
+"""``push``, ``retry``, ``status``, ``show`` and ``adapters`` (imported when they run)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from kiki_billing.cli_compute import compute_from_options, money, parse_period, plain
+from kiki_billing.cli_support import console, err_console, warn
+from kiki_billing.errors import ConfigurationError, InputError
+from kiki_billing.money import format_money
+
+if TYPE_CHECKING:
+    from kiki_billing.hub.ledger import DeliveryRecord, Ledger
+    from kiki_billing.hub.plan import Delivery, Plan
+    from kiki_billing.hub.runner import DeliveryOutcome, Preview
+    from kiki_billing.hub.settings import HubSettings
+    from kiki_billing.models import Invoice
+
+
+# --------------------------------------------------------------------------------------------
+# The ledger
+# --------------------------------------------------------------------------------------------
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.partition("://")[0] + "://..."
+
+
+@contextlib.contextmanager
+def open_ledger(settings: HubSettings, *, must_exist: bool = False) -> Iterator[Ledger | None]:
+    """The ledger the settings name; ``None`` with ``must_exist`` when there is none yet.
+
+    Raises:
+        ConfigurationError: The ledger cannot be opened (the URL is named without password;
+            a missing database driver names the extra to install).
+    """
+    import sqlalchemy
+
+    from kiki_billing.hub.ledger import Ledger
+    from kiki_billing.hub.settings import driver_hint
+
+    url = settings.ledger_location()
+    if (
+        must_exist
+        and settings.ledger_url is None
+        and not (settings.data_dir / "ledger.sqlite3").exists()
+    ):
+        yield None
+        return
+    if settings.ledger_url is None:
+        with contextlib.suppress(OSError):
+            settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        ledger = Ledger(url, lease_seconds=settings.lease_seconds)
+    except (ModuleNotFoundError, sqlalchemy.exc.NoSuchModuleError) as exc:
+        raise ConfigurationError(
+            f"cannot open the ledger {_safe_url(url)}: its database driver is missing "
+            f"({type(exc).__name__}); {driver_hint(url)}"
+        ) from None
+    except (sqlalchemy.exc.SQLAlchemyError, OSError, ValueError, RuntimeError) as exc:
+        detail = str(exc) if isinstance(exc, RuntimeError) else type(exc).__name__
+        raise ConfigurationError(f"cannot open the ledger {_safe_url(url)}: {detail}") from None
+    try:
+        yield ledger
+    finally:
+        ledger.close()
+
+
+def _credentials_factory(ledger: Ledger) -> Any:
+    from kiki_billing.hub.credentials import LedgerCredentialStore
+
+    return lambda target, account: LedgerCredentialStore(ledger, target, account)
+
+
+# --------------------------------------------------------------------------------------------
+# push and retry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Display:
+    """How much a command prints."""
+
+    quiet: bool = False
+    progress: bool = True
+
+
+def run_push(
+    *,
+    dry_run: bool,
+    target: str | None,
+    client: str | None,
+    skip_untargeted: bool,
+    quiet: bool,
+    no_progress: bool,
+    **options: Any,
+) -> None:
+    """``kiki-billing push``."""
+    from kiki_billing.hub.plan import plan_deliveries
+    from kiki_billing.hub.registry import create_adapter, known_adapter_names
+    from kiki_billing.hub.settings import load_hub_settings
+
+    computed = compute_from_options(**options)
+    settings = load_hub_settings()
+    _check_targets(computed.run.invoices, computed.contracts, skip_untargeted, client)
+    for nb in computed.run.not_billed:
+        if not quiet:
+            err_console().print(
+                f"{nb.client_id}: not billed ({nb.reason}); nothing to push", markup=False
+            )
+    with (
+        open_ledger(settings, must_exist=dry_run) as found,
+        _ledger_or_scratch(found) as ledger,
+    ):
+        if computed.undated_source is not None:
+            _check_undated_source(ledger, computed.undated_source, computed, record=not dry_run)
+        plan = plan_deliveries(
+            computed.run.invoices,
+            computed.contracts,
+            lambda name: create_adapter(name, _credentials_factory(ledger)),
+            known_targets=known_adapter_names(),
+            target=target,
+            client=client,
+        )
+        try:
+            if dry_run:
+                _dry_run(ledger, plan, settings)
+                return
+            _drive(ledger, plan, settings, Display(quiet, not (quiet or no_progress)), False)
+        finally:
+            plan.close()
+
+
+@contextlib.contextmanager
+def _ledger_or_scratch(ledger: Ledger | None) -> Iterator[Ledger]:
+    """The ledger, or an empty in-memory one for a dry run before any push."""
+    if ledger is not None:
+        yield ledger
+        return
+    from kiki_billing.hub.ledger import Ledger
+
+    scratch = Ledger("sqlite://")
+    try:
+        yield scratch
+    finally:
+        scratch.close()
+
+
+def _check_targets(
+    invoices: Sequence[Invoice], contracts: Any, skip_untargeted: bool, client: str | None
+) -> None:
+    by_id = contracts.by_id()
+    untargeted = [
+        inv
+        for inv in invoices
+        if not by_id[inv.client_id].targets and (client is None or inv.client_id == client)
+    ]
+    if not untargeted:
+        return
+    names = ", ".join(
+        f"{inv.client_id} ({format_money(inv.total_fee, inv.currency)} {inv.currency})"
+        for inv in untargeted[:5]
+    )
+    more = f" and {len(untargeted) - 5} more" if len(untargeted) > 5 else ""
+    message = f"billable clients without targets: {names}{more}"
+    if not skip_untargeted:
+        raise InputError(
+            message + "; add targets = [...] to their contracts, or pass --skip-untargeted",
+            file=str(contracts.path),
+            field="targets",
+        )
+    warn(message + "; they are not billed anywhere")
+
+
+def _check_undated_source(ledger: Ledger, sha256: str, computed: Any, *, record: bool) -> None:
+    period = computed.run.period.label
+    location = computed.run.summary.sources[0].location if computed.run.summary.sources else "?"
+    bound = (
+        ledger.record_undated_source(sha256, period, location)
+        if record
+        else ledger.undated_source_period(sha256)
+    )
+    if bound is not None and bound[0] != period:
+        raise InputError(
+            f"this metrics file has no period column and the same content was billed for "
+            f"{bound[0]} (from {bound[1]}); add a period column, or use the file of {period}",
+            file=location,
+            field="period",
+        )
+
+
+def run_retry(
+    *,
+    contracts: Path,
+    period: str | None,
+    target: str | None,
+    client: str | None,
+    quiet: bool,
+    no_progress: bool,
+) -> None:
+    """``kiki-billing retry``: re-plan failed and deferred deliveries with today's settings."""
+    from kiki_billing.config import load_contracts
+    from kiki_billing.hub.ledger import DeliveryState
+    from kiki_billing.hub.plan import plan_deliveries
+    from kiki_billing.hub.registry import create_adapter, known_adapter_names
+    from kiki_billing.hub.settings import load_hub_settings
+
+    label = parse_period(period).label if period else None
+    contracts_file = load_contracts(contracts)
+    settings = load_hub_settings()
+    with open_ledger(settings) as ledger:
+        assert ledger is not None
+        records = ledger.deliveries(
+            period=label,
+            states=[DeliveryState.FAILED, DeliveryState.DEFERRED],
+            target=target,
+            client_id=client,
+        )
+        if not records:
+            console().print("Nothing to retry.")
+            return
+        wanted: dict[str, set[str]] = {}
+        invoices = {}
+        for record in records:
+            wanted.setdefault(record.invoice_number, set()).add(record.target)
+            key = (record.invoice_number, record.revision)
+            if key not in invoices:
+                invoices[key] = ledger.load_invoice(*key)
+        plan = plan_deliveries(
+            list(invoices.values()),
+            contracts_file,
+            lambda name: create_adapter(name, _credentials_factory(ledger)),
+            known_targets=known_adapter_names(),
+            only=wanted,
+        )
+        try:
+            stranded = {(r.invoice_number, r.target, r.account) for r in records} - {
+                (d.invoice.number, d.target, d.account) for d in plan.deliveries
+            }
+            for number, name, account in sorted(stranded):
+                warn(
+                    f"{number} to {name} account {account}: not retried (the contracts file or "
+                    "the settings no longer send it there)"
+                )
+            _drive(ledger, plan, settings, Display(quiet, not (quiet or no_progress)), True)
+        finally:
+            plan.close()
+
+
+def _drive(
+    ledger: Ledger, plan: Plan, settings: HubSettings, display: Display, redrive: bool
+) -> None:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from kiki_billing.hub.dispatcher import Hub
+
+    counts = Counter(d.target for d in plan.deliveries)
+    progress = Progress(
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console(),
+        disable=not display.progress,
+        redirect_stderr=True,
+    )
+    tasks = {name: progress.add_task(name, total=count) for name, count in sorted(counts.items())}
+    lock = threading.Lock()
+
+    def advance(outcome: DeliveryOutcome) -> None:
+        with lock:
+            progress.advance(tasks[outcome.target])
+
+    hub = Hub(
+        ledger,
+        plan.adapters,
+        settings.retry_policy(),
+        breaker_threshold=settings.breaker_threshold,
+        breaker_cooldown=settings.breaker_cooldown,
+        on_outcome=advance,
+    )
+    with progress:
+        outcomes = hub.push(plan.deliveries, redrive_failed=redrive)
+    show_outcomes(outcomes, quiet=display.quiet)
+    if not all(outcome.ok for outcome in outcomes):
+        raise typer.Exit(1)
+
+
+def show_outcomes(outcomes: list[DeliveryOutcome], *, quiet: bool = False) -> None:
+    """Print what went where (a table, then a one-line tally)."""
+    from rich.table import Table
+
+    if not quiet:
+        table = Table(title="Deliveries")
+        for column in ("Client", "Invoice", "Target", "Account", "State", "Provider ids", "Note"):
+            table.add_column(column)
+        for outcome in outcomes:
+            table.add_row(
+                plain(outcome.client_id),
+                outcome.invoice_number,
+                outcome.target,
+                plain(outcome.account),
+                outcome.state.value,
+                plain(_refs(outcome.refs)),
+                plain(outcome.error or outcome.note or ""),
+            )
+        console().print(table)
+    else:
+        for outcome in outcomes:
+            if not outcome.ok:
+                err_console().print(
+                    f"{outcome.invoice_number} {outcome.target}: {outcome.state.value}: "
+                    f"{outcome.error or outcome.note or ''}",
+                    markup=False,
+                )
+    tally = Counter(outcome.state.value for outcome in outcomes)
+    console().print(
+        ", ".join(f"{count} {state}" for state, count in sorted(tally.items()))
+        or "nothing to deliver",
+        markup=False,
+    )
+
+
+def _dry_run(ledger: Ledger, plan: Plan, settings: HubSettings) -> None:
+    """Print, per target, exactly what ``push`` would do; exit 1 if some would fail."""
+    from kiki_billing.hub.dispatcher import Hub
+    from kiki_billing.plugin import DeliveryError
+
+    hub = Hub(ledger, plan.adapters, settings.retry_policy())
+    by_target: dict[str, list[Delivery]] = {}
+    for delivery in plan.deliveries:
+        by_target.setdefault(delivery.target, []).append(delivery)
+    failing = 0
+    out = console()
+    for target, items in sorted(by_target.items()):
+        adapter = plan.adapters[target]
+        out.rule(f"{target} (account {adapter.account}): {len(items)} invoices")
+        for delivery in items:
+            inv = delivery.invoice
+            fee = format_money(inv.total_fee, inv.currency)
+            head = f"{inv.number} {inv.client_id} {fee} {inv.currency}"
+            try:
+                preview: Preview | None = hub.preview(delivery)
+            except DeliveryError as exc:
+                preview = None
+                failing += 1
+                error = exc.scrubbed(adapter.secrets())
+                out.print(f"{head}: would fail: {error}", markup=False)
+            if preview is None:
+                continue
+            if preview.conflict:
+                failing += 1
+            out.print(f"{head}: {preview.verdict}", markup=False)
+            for step in preview.steps:
+                if step.request is None or step.action.value == "already delivered":
+                    out.print(
+                        f"  {step.name}: already delivered {_refs(step.recorded or {})}",
+                        markup=False,
+                    )
+                    continue
+                payload = json.dumps(dict(step.request.payload), sort_keys=True, default=str)
+                out.print(
+                    f"  {step.name}: {step.action.value}: {step.request.method} "
+                    f"{step.request.path} Idempotency-Key {step.idempotency_key} {payload}",
+                    markup=False,
+                    soft_wrap=True,
+                )
+    if failing:
+        err_console().print(f"{failing} deliveries would fail", markup=False)
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# status and show
+# --------------------------------------------------------------------------------------------
+
+
+def _stuck(record: DeliveryRecord, now: float) -> bool:
+    from kiki_billing.hub.ledger import DeliveryState, owner_is_dead
+
+    if record.state is not DeliveryState.IN_FLIGHT:
+        return False
+    return owner_is_dead(record.owner) or (record.lease_until or 0) < now
+
+
+def run_status(
+    *,
+    period: str | None,
+    client: str | None,
+    target: str | None,
+    state: str | None,
+    invoice: str | None,
+    json_output: bool,
+) -> None:
+    """``kiki-billing status``: exit 1 when anything shown is failed, deferred or stuck."""
+    from rich.table import Table
+
+    from kiki_billing.hub.ledger import DeliveryState
+    from kiki_billing.hub.settings import load_hub_settings
+
+    label = parse_period(period).label if period else None
+    states = None
+    if state is not None:
+        try:
+            states = [DeliveryState(state.strip())]
+        except ValueError:
+            choices = ", ".join(s.value for s in DeliveryState)
+            raise InputError(f"unknown state (one of {choices})", field="--state") from None
+    with open_ledger(load_hub_settings(), must_exist=True) as ledger:
+        records = (
+            []
+            if ledger is None
+            else ledger.deliveries(
+                period=label,
+                states=states,
+                target=target,
+                client_id=client,
+                invoice_number=invoice,
+            )
+        )
+    now = time.time()
+    stuck = {r.id for r in records if _stuck(r, now)}
+    if json_output:
+        print(json.dumps([_record_data(r, r.id in stuck) for r in records], indent=2))
+    else:
+        table = Table(title="Deliveries" + (f", {label}" if label else ""))
+        for column in (
+            "Period",
+            "Invoice",
+            "Client",
+            "Target",
+            "Account",
+            "State",
+            "Attempts",
+            "Provider ids",
+            "Last error",
+        ):
+            table.add_column(column)
+        for r in records:
+            table.add_row(
+                r.period,
+                f"{r.invoice_number} r{r.revision}",
+                plain(r.client_id),
+                r.target,
+                plain(r.account),
+                r.state.value + (" (stuck: holder gone)" if r.id in stuck else ""),
+                str(r.attempts),
+                plain(_refs(r.refs)),
+                plain(r.last_error or ""),
+            )
+        console().print(table)
+        tally = Counter(r.state.value for r in records)
+        console().print(
+            ", ".join(f"{n} {s}" for s, n in sorted(tally.items())) or "no deliveries recorded",
+            markup=False,
+        )
+    unsettled = [
+        r
+        for r in records
+        if r.state in (DeliveryState.FAILED, DeliveryState.DEFERRED) or r.id in stuck
+    ]
+    if unsettled:
+        raise typer.Exit(1)
+
+
+def _record_data(r: DeliveryRecord, stuck: bool) -> dict[str, Any]:
+    return {
+        "invoice": r.invoice_number,
+        "revision": r.revision,
+        "client_id": r.client_id,
+        "period": r.period,
+        "target": r.target,
+        "account": r.account,
+        "state": r.state.value,
+        "stuck": stuck,
+        "attempts": r.attempts,
+        "refs": r.refs,
+        "last_error": r.last_error,
+        "updated_at": r.updated_at.isoformat(),
+    }
+
+
+def run_show(*, invoice: str, json_output: bool) -> None:
+    """``kiki-billing show INVOICE``."""
+    from rich.table import Table
+
+    from kiki_billing.hub.settings import load_hub_settings
+
+    number = invoice.strip()
+    with open_ledger(load_hub_settings(), must_exist=True) as ledger:
+        revisions = ledger.invoice_revisions(number) if ledger is not None else []
+        if ledger is None or not revisions:
+            raise InputError(f"no invoice {number!r} in the ledger", field="INVOICE")
+        records = ledger.deliveries(invoice_number=number)
+        steps = {r.id: ledger.steps(r.id) for r in records}
+        documents = {rev: ledger.load_invoice(number, rev) for rev in revisions}
+    now = time.time()
+    if json_output:
+        data = {
+            "invoice": number,
+            "revisions": [documents[rev].model_dump(mode="json") for rev in revisions],
+            "deliveries": [
+                {
+                    **_record_data(r, _stuck(r, now)),
+                    "steps": [
+                        {
+                            "step": s.step,
+                            "state": s.state.value,
+                            "idempotency_key": s.idempotency_key,
+                            "attempts": s.attempts,
+                            "origin": s.origin.value if s.origin else None,
+                            "refs": s.refs,
+                            "last_error": s.last_error,
+                            "updated_at": s.updated_at.isoformat(),
+                        }
+                        for s in steps[r.id].values()
+                    ],
+                }
+                for r in records
+            ],
+        }
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    out = console()
+    for rev in revisions:
+        inv = documents[rev]
+        out.print(
+            f"{inv.number} revision {rev}: {inv.client_name} ({inv.client_id}), period "
+            f"{inv.period}, issued {inv.issue_date}, due {inv.due_date}, "
+            f"{money(inv.total_fee, inv.currency)} {inv.currency}, {len(inv.lines)} lines, "
+            f"hash {inv.billing_hash()[:12]}",
+            markup=False,
+        )
+    for r in records:
+        out.print(
+            f"\n{r.target} account {r.account}: {r.state.value}"
+            f"{' (stuck: holder gone)' if _stuck(r, now) else ''}, {r.attempts} attempts, "
+            f"revision {r.revision}, updated {r.updated_at:%Y-%m-%d %H:%M:%S} UTC",
+            markup=False,
+        )
+        if r.last_error:
+            out.print(f"  last error: {r.last_error}", markup=False)
+        table = Table(show_edge=False)
+        for column in ("Step", "State", "Origin", "Key", "Attempts", "Provider ids", "Error"):
+            table.add_column(column)
+        for s in steps[r.id].values():
+            table.add_row(
+                s.step,
+                s.state.value,
+                s.origin.value if s.origin else "",
+                s.idempotency_key,
+                str(s.attempts),
+                plain(_refs(s.refs)),
+                plain(s.last_error or ""),
+            )
+        out.print(table)
+    if not records:
+        out.print("no deliveries recorded", markup=False)
+
+
+def run_adapters() -> None:
+    """``kiki-billing adapters``: a table, then install commands ready to paste."""
+    from rich.table import Table
+
+    from kiki_billing.hub.registry import describe_adapters
+
+    infos = describe_adapters()
+    table = Table(title="Adapters (entry-point group kiki_billing.adapters)")
+    for column in ("Name", "Provided by", "SDK", "Description"):
+        table.add_column(column)
+    for info in infos:
+        table.add_row(
+            info.name,
+            f"{info.distribution or '?'} ({info.value})",
+            "present" if info.sdk_present else "missing",
+            plain(info.load_error or info.description),
+        )
+    console().print(table)
+    for info in infos:
+        if info.install:
+            console().print(f"{info.name}: {info.install}", markup=False, soft_wrap=True)
+
+
+def _refs(refs: Mapping[str, str]) -> str:
+    return " ".join(f"{key}={value}" for key, value in sorted(refs.items()) if key != "sha256")

@@ -1,0 +1,26 @@
+"""The delivery ledger: schema and migrations, process ownership, and the store."""
+
+from kiki_billing.hub.ledger.ownership import owner_is_dead, process_owner
+from kiki_billing.hub.ledger.schema import SCHEMA_VERSION, DeliveryState, StepOrigin
+from kiki_billing.hub.ledger.store import (
+    DeliveryRecord,
+    InvoiceConflictError,
+    Ledger,
+    StepRecord,
+    conflict_message,
+    default_ledger_url,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DeliveryRecord",
+    "DeliveryState",
+    "InvoiceConflictError",
+    "Ledger",
+    "StepOrigin",
+    "StepRecord",
+    "conflict_message",
+    "default_ledger_url",
+    "owner_is_dead",
+    "process_owner",
+]

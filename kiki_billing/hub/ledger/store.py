@@ -1,0 +1,812 @@
+"""The delivery ledger: the one place that records what was sent where (SQLAlchemy Core).
+
+SQLite by default, any SQLAlchemy URL (PostgreSQL) by ``KIKI_LEDGER_URL``. Every write is its
+own short transaction, committed *before* the provider is called (``in_flight``) and after it
+answered (``delivered``/``failed``), so a process killed at any instant leaves a record that
+says which step's outcome is unknown. A delivery is claimed with a conditional UPDATE, so two
+processes never work on the same delivery at once.
+
+States of a delivery: ``pending`` -> ``in_flight`` -> ``delivered`` | ``failed`` | ``deferred``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from kiki_billing.hub.ledger.ownership import owner_is_dead
+from kiki_billing.hub.ledger.schema import (
+    DeliveryState,
+    StepOrigin,
+    account_locks_table,
+    client_refs_table,
+    create_or_migrate,
+    credentials_table,
+    deliveries_table,
+    dumps,
+    invoices_table,
+    steps_table,
+    undated_sources_table,
+)
+from kiki_billing.models import Invoice
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """A row of the ledger's ``deliveries`` table."""
+
+    id: int
+    invoice_number: str
+    revision: int
+    client_id: str
+    period: str
+    target: str
+    account: str
+    content_hash: str
+    client_settings: dict[str, Any]
+    state: DeliveryState
+    attempts: int
+    refs: dict[str, str]
+    last_error: str | None
+    owner: str | None
+    lease_until: float | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A row of the ledger's ``delivery_steps`` table."""
+
+    step: str
+    idempotency_key: str
+    state: DeliveryState
+    attempts: int
+    refs: dict[str, str]
+    last_error: str | None
+    origin: StepOrigin | None
+    updated_at: datetime
+
+
+class InvoiceConflictError(Exception):
+    """The invoice clashes with one issued before.
+
+    Either the same number and revision with other billed content, or another number for the
+    same client, period and revision.
+    """
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def default_ledger_url(data_dir: Path) -> str:
+    """The SQLite file in the data directory (created readable by its owner only)."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return f"sqlite:///{data_dir / 'ledger.sqlite3'}"
+
+
+def _create_private_file(url: str) -> None:
+    """Create a new SQLite ledger file as 0600 (its WAL and SHM files inherit the mode)."""
+    database = sa.engine.make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+class Ledger:
+    """Reads and writes the delivery ledger.
+
+    Args:
+        url: A SQLAlchemy URL (``sqlite:///path``, ``postgresql+psycopg://...``).
+        lease_seconds: How long a claim holds without a heartbeat.
+    """
+
+    def __init__(self, url: str, *, lease_seconds: float = 120.0) -> None:
+        self.url = url
+        self.lease_seconds = lease_seconds
+        if url.startswith("sqlite"):
+            _create_private_file(url)
+        self.engine = self._engine(url)
+        self._statements: dict[str, Any] = {}
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        """Create or migrate the tables; safe when several processes open a ledger at once."""
+        for attempt in range(1, 11):
+            try:
+                with self.engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        # Concurrent CREATE TABLEs collide in pg_type: serialise them (the lock
+                        # is released at commit, and the next creator then finds the tables).
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7049590145)"))
+                    create_or_migrate(conn)
+                return
+            except sa.exc.OperationalError as exc:
+                # SQLite: another process created or migrated a table meanwhile; read again.
+                text = str(exc.orig)
+                if attempt == 10 or ("already exists" not in text and "locked" not in text):
+                    raise
+                time.sleep(0.05 * attempt)
+
+    @staticmethod
+    def _engine(url: str) -> Engine:
+        if url.startswith("sqlite"):
+            # NOTE: pooled, not one connection per write: closing the last connection of a WAL
+            # database checkpoints and deletes the WAL, which cost 2-17 ms a write.
+            engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+            @sa.event.listens_for(engine, "connect")
+            def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+                cursor = dbapi_connection.cursor()
+                _journal_mode_wal(cursor)
+                # NOTE: in WAL mode NORMAL survives a killed process (the crash the ledger is
+                # built for); a power cut may lose the last commits, which the idempotency keys
+                # and the natural-key look-ups then cover.
+                cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.execute("PRAGMA busy_timeout=60000")
+                cursor.close()
+
+            return engine
+        return sa.create_engine(url, pool_pre_ping=True)
+
+    def close(self) -> None:
+        """Release connections."""
+        self.engine.dispose()
+
+    def _statement(self, name: str, build: Callable[[], Any]) -> Any:
+        """A statement built once per ledger (building one costs more than running it)."""
+        statement = self._statements.get(name)
+        if statement is None:
+            statement = self._statements[name] = build()
+        return statement
+
+    # Invoices -------------------------------------------------------------------------------
+
+    def record_invoice(self, invoice: Invoice) -> None:
+        """Keep the issued invoice; the same number and revision must bill the same content.
+
+        Raises:
+            InvoiceConflictError: It was recorded before with other billed content, or the
+                client already has another number for the period.
+        """
+        billing = invoice.billing_hash()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                self._statement(
+                    "invoice_of_client",
+                    lambda: sa.select(invoices_table.c.number, invoices_table.c.content_hash).where(
+                        invoices_table.c.client_id == sa.bindparam("client_id"),
+                        invoices_table.c.period == sa.bindparam("period"),
+                        invoices_table.c.revision == sa.bindparam("revision"),
+                    ),
+                ),
+                {
+                    "client_id": invoice.client_id,
+                    "period": invoice.period,
+                    "revision": invoice.revision,
+                },
+            ).all()
+            existing = next((r.content_hash for r in rows if r.number == invoice.number), None)
+            other = next((r.number for r in rows if r.number != invoice.number), None)
+            if other is not None:
+                raise InvoiceConflictError(other_number_message(invoice, other))
+            if existing is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(
+                            invoices_table.insert().values(
+                                number=invoice.number,
+                                revision=invoice.revision,
+                                client_id=invoice.client_id,
+                                period=invoice.period,
+                                currency=invoice.currency,
+                                total_fee=format(invoice.total_fee, "f"),
+                                content_hash=billing,
+                                document=invoice.canonical_json(),
+                                recorded_at=_now(),
+                            )
+                        )
+                    return
+                except sa.exc.IntegrityError:
+                    existing = self.recorded_hash(invoice.number, invoice.revision, conn)
+        if existing != billing:
+            raise InvoiceConflictError(conflict_message(invoice, existing))
+
+    def invoice_conflict(self, invoice: Invoice) -> str | None:
+        """Why :meth:`record_invoice` would refuse ``invoice``, without writing anything."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(invoices_table.c.number, invoices_table.c.content_hash).where(
+                    invoices_table.c.client_id == invoice.client_id,
+                    invoices_table.c.period == invoice.period,
+                    invoices_table.c.revision == invoice.revision,
+                )
+            ).all()
+        for row in rows:
+            if row.number != invoice.number:
+                return other_number_message(invoice, row.number)
+            if row.content_hash != invoice.billing_hash():
+                return conflict_message(invoice, row.content_hash)
+        return None
+
+    def recorded_hash(
+        self, number: str, revision: int, conn: sa.Connection | None = None
+    ) -> str | None:
+        """The billing hash an invoice revision was recorded with, if it was."""
+        query = sa.select(invoices_table.c.content_hash).where(
+            invoices_table.c.number == number, invoices_table.c.revision == revision
+        )
+        if conn is not None:
+            return conn.execute(query).scalar_one_or_none()
+        with self.engine.connect() as own:
+            return own.execute(query).scalar_one_or_none()
+
+    def invoice_revisions(self, number: str) -> list[int]:
+        """The revisions recorded under an invoice number, oldest first."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.select(invoices_table.c.revision)
+                    .where(invoices_table.c.number == number)
+                    .order_by(invoices_table.c.revision)
+                ).scalars()
+            )
+
+    def load_invoice(self, number: str, revision: int) -> Invoice:
+        """The invoice exactly as it was recorded."""
+        with self.engine.connect() as conn:
+            document = conn.execute(
+                sa.select(invoices_table.c.document).where(
+                    invoices_table.c.number == number, invoices_table.c.revision == revision
+                )
+            ).scalar_one()
+        return Invoice.model_validate_json(document)
+
+    # Deliveries -----------------------------------------------------------------------------
+
+    def ensure_delivery(
+        self,
+        invoice: Invoice,
+        target: str,
+        account: str,
+        client_settings: Mapping[str, Any],
+    ) -> DeliveryRecord:
+        """The delivery of ``invoice`` to ``target`` at ``account``, created ``pending`` if new."""
+        key = (invoice.number, invoice.revision, target, account)
+        found = self.find_delivery(*key)
+        if found is not None:
+            return found
+        now = _now()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    deliveries_table.insert().values(
+                        invoice_number=invoice.number,
+                        revision=invoice.revision,
+                        client_id=invoice.client_id,
+                        period=invoice.period,
+                        target=target,
+                        account=account,
+                        content_hash=invoice.billing_hash(),
+                        client_settings=dumps(dict(client_settings)),
+                        state=DeliveryState.PENDING.value,
+                        attempts=0,
+                        refs="{}",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            pass  # another process created it first
+        created = self.find_delivery(*key)
+        assert created is not None
+        return created
+
+    def find_delivery(
+        self, number: str, revision: int, target: str, account: str
+    ) -> DeliveryRecord | None:
+        """The delivery of an invoice revision to a target account, if recorded."""
+        query = self._statement(
+            "find_delivery",
+            lambda: sa.select(deliveries_table).where(
+                deliveries_table.c.invoice_number == sa.bindparam("number"),
+                deliveries_table.c.revision == sa.bindparam("revision"),
+                deliveries_table.c.target == sa.bindparam("target"),
+                deliveries_table.c.account == sa.bindparam("account"),
+            ),
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                query,
+                {"number": number, "revision": revision, "target": target, "account": account},
+            ).one_or_none()
+        return None if row is None else _delivery(row)
+
+    def get_delivery(self, delivery_id: int) -> DeliveryRecord:
+        """One delivery by id."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(deliveries_table).where(deliveries_table.c.id == delivery_id)
+            ).one()
+        return _delivery(row)
+
+    def claim(
+        self, delivery_id: int, owner: str, claimable: Iterable[DeliveryState], now: float
+    ) -> int | None:
+        """Take the delivery for ``owner`` if it is in a claimable state or its holder is gone.
+
+        Returns:
+            The delivery's attempts counting this one when this process now holds it (1: no
+            step can have been recorded yet); ``None`` when it is delivered, held by a live
+            process, not in a claimable state, or another process claimed it meanwhile.
+        """
+        current = self.get_delivery(delivery_id)
+        states = [s.value for s in claimable]
+        stale = current.state is DeliveryState.IN_FLIGHT and owner_is_dead(current.owner)
+        condition = deliveries_table.c.state.in_(states) | (
+            (deliveries_table.c.state == DeliveryState.IN_FLIGHT.value)
+            & (deliveries_table.c.lease_until < now)
+        )
+        if stale:
+            condition = condition | (
+                (deliveries_table.c.state == DeliveryState.IN_FLIGHT.value)
+                & (deliveries_table.c.owner == current.owner)
+            )
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                deliveries_table.update()
+                .where(
+                    deliveries_table.c.id == delivery_id,
+                    deliveries_table.c.attempts == current.attempts,
+                    condition,
+                )
+                .values(
+                    state=DeliveryState.IN_FLIGHT.value,
+                    owner=owner,
+                    lease_until=now + self.lease_seconds,
+                    attempts=deliveries_table.c.attempts + 1,
+                    updated_at=_now(),
+                )
+            )
+        return current.attempts + 1 if result.rowcount == 1 else None
+
+    def heartbeat(self, delivery_ids: Iterable[int], owner: str, now: float) -> int:
+        """Extend this owner's claims on ``delivery_ids``; returns how many it still holds."""
+        ids = list(delivery_ids)
+        if not ids:
+            return 0
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                deliveries_table.update()
+                .where(
+                    deliveries_table.c.id.in_(ids),
+                    deliveries_table.c.owner == owner,
+                    deliveries_table.c.state == DeliveryState.IN_FLIGHT.value,
+                )
+                .values(lease_until=now + self.lease_seconds)
+            )
+        return int(result.rowcount)
+
+    def finish(
+        self,
+        delivery_id: int,
+        owner: str,
+        state: DeliveryState,
+        refs: Mapping[str, str],
+        error: str | None = None,
+    ) -> None:
+        """Record the outcome of a delivery and release it."""
+        now = _now()
+        with self.engine.begin() as conn:
+            conn.execute(
+                self._statement(
+                    "finish",
+                    lambda: deliveries_table.update().where(
+                        deliveries_table.c.id == sa.bindparam("delivery_id"),
+                        deliveries_table.c.owner == sa.bindparam("holder"),
+                    ),
+                ),
+                {
+                    "delivery_id": delivery_id,
+                    "holder": owner,
+                    "state": state.value,
+                    "refs": dumps(dict(refs)),
+                    "last_error": error,
+                    "owner": None,
+                    "lease_until": None,
+                    "updated_at": now,
+                    "delivered_at": now if state is DeliveryState.DELIVERED else None,
+                },
+            )
+
+    def defer(self, delivery_id: int, reason: str) -> None:
+        """Mark a delivery that was not started (circuit open, day limit) as deferred."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                deliveries_table.update()
+                .where(
+                    deliveries_table.c.id == delivery_id,
+                    deliveries_table.c.state.in_(
+                        [DeliveryState.PENDING.value, DeliveryState.DEFERRED.value]
+                    ),
+                )
+                .values(state=DeliveryState.DEFERRED.value, last_error=reason, updated_at=_now())
+            )
+
+    def deliveries(
+        self,
+        *,
+        period: str | None = None,
+        states: Iterable[DeliveryState] | None = None,
+        target: str | None = None,
+        client_id: str | None = None,
+        invoice_number: str | None = None,
+    ) -> list[DeliveryRecord]:
+        """Deliveries, filtered, in period, invoice, target and account order."""
+        query = sa.select(deliveries_table).order_by(
+            deliveries_table.c.period,
+            deliveries_table.c.invoice_number,
+            deliveries_table.c.revision,
+            deliveries_table.c.target,
+            deliveries_table.c.account,
+        )
+        if period is not None:
+            query = query.where(deliveries_table.c.period == period)
+        if states is not None:
+            query = query.where(deliveries_table.c.state.in_([s.value for s in states]))
+        if target is not None:
+            query = query.where(deliveries_table.c.target == target)
+        if client_id is not None:
+            query = query.where(deliveries_table.c.client_id == client_id)
+        if invoice_number is not None:
+            query = query.where(deliveries_table.c.invoice_number == invoice_number)
+        with self.engine.connect() as conn:
+            return [_delivery(row) for row in conn.execute(query)]
+
+    # Steps ----------------------------------------------------------------------------------
+
+    def steps(self, delivery_id: int) -> dict[str, StepRecord]:
+        """The recorded steps of a delivery, by name."""
+        query = self._statement(
+            "steps",
+            lambda: sa.select(steps_table).where(
+                steps_table.c.delivery_id == sa.bindparam("delivery_id")
+            ),
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query, {"delivery_id": delivery_id}).all()
+        return {
+            row.step: StepRecord(
+                step=row.step,
+                idempotency_key=row.idempotency_key,
+                state=DeliveryState(row.state),
+                attempts=row.attempts,
+                refs=json.loads(row.refs),
+                last_error=row.last_error,
+                origin=StepOrigin(row.origin) if row.origin else None,
+                updated_at=_aware(row.updated_at),
+            )
+            for row in rows
+        }
+
+    def step_started(self, delivery_id: int, step: str, key: str) -> None:
+        """Committed before the provider is called: this step's outcome is now unknown."""
+        now = _now()
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                steps_table.update()
+                .where(steps_table.c.delivery_id == delivery_id, steps_table.c.step == step)
+                .values(
+                    idempotency_key=key,
+                    state=DeliveryState.IN_FLIGHT.value,
+                    attempts=steps_table.c.attempts + 1,
+                    updated_at=now,
+                )
+            )
+            if updated.rowcount == 0:
+                conn.execute(
+                    self._statement("step_insert", steps_table.insert),
+                    {
+                        "delivery_id": delivery_id,
+                        "step": step,
+                        "idempotency_key": key,
+                        "state": DeliveryState.IN_FLIGHT.value,
+                        "attempts": 1,
+                        "refs": "{}",
+                        "last_error": None,
+                        "origin": None,
+                        "updated_at": now,
+                    },
+                )
+
+    def step_finished(
+        self,
+        delivery_id: int,
+        step: str,
+        key: str,
+        state: DeliveryState,
+        refs: Mapping[str, str] | None = None,
+        error: str | None = None,
+        origin: StepOrigin | None = None,
+    ) -> None:
+        """Record a step's outcome (delivered with its ids and origin, or the error)."""
+        values = {
+            "state": state.value,
+            "refs": dumps(dict(refs or {})),
+            "last_error": error,
+            "updated_at": _now(),
+        }
+        if origin is not None:
+            values["origin"] = origin.value
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                steps_table.update()
+                .where(steps_table.c.delivery_id == delivery_id, steps_table.c.step == step)
+                .values(**values)
+            )
+            if updated.rowcount == 0:
+                conn.execute(
+                    steps_table.insert().values(
+                        delivery_id=delivery_id,
+                        step=step,
+                        idempotency_key=key,
+                        attempts=0,
+                        **values,
+                    )
+                )
+
+    # Ids that belong to the client ----------------------------------------------------------
+
+    def client_refs(self, target: str, account: str, client_id: str) -> dict[str, str]:
+        """Ids recorded for the client at this target and account (e.g. its customer id)."""
+        query = self._statement(
+            "client_refs",
+            lambda: sa.select(client_refs_table.c.name, client_refs_table.c.value).where(
+                client_refs_table.c.target == sa.bindparam("target"),
+                client_refs_table.c.account == sa.bindparam("account"),
+                client_refs_table.c.client_id == sa.bindparam("client_id"),
+            ),
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                query, {"target": target, "account": account, "client_id": client_id}
+            ).all()
+        return {row.name: row.value for row in rows}
+
+    def remember_client_refs(
+        self, target: str, account: str, client_id: str, refs: Mapping[str, str]
+    ) -> None:
+        """Keep the client's ids for the next period."""
+        for name, value in refs.items():
+            where = (
+                client_refs_table.c.target == target,
+                client_refs_table.c.account == account,
+                client_refs_table.c.client_id == client_id,
+                client_refs_table.c.name == name,
+            )
+            self._upsert(
+                client_refs_table,
+                where,
+                {"value": value},
+                {"target": target, "account": account, "client_id": client_id, "name": name},
+            )
+
+    def _upsert(
+        self,
+        table: sa.Table,
+        where: tuple[Any, ...],
+        values: Mapping[str, Any],
+        keys: Mapping[str, Any],
+        conn: sa.Connection | None = None,
+    ) -> None:
+        def run(connection: sa.Connection) -> None:
+            updated = connection.execute(table.update().where(*where).values(**values))
+            if updated.rowcount == 0:
+                try:
+                    with connection.begin_nested():
+                        connection.execute(table.insert().values(**keys, **values))
+                except sa.exc.IntegrityError:
+                    connection.execute(table.update().where(*where).values(**values))
+
+        if conn is not None:
+            run(conn)
+            return
+        with self.engine.begin() as own:
+            run(own)
+
+    # Undated sources -------------------------------------------------------------------------
+
+    def undated_source_period(self, sha256: str) -> tuple[str, str] | None:
+        """The period (and file) an undated metrics file with this hash was billed for."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(undated_sources_table.c.period, undated_sources_table.c.location).where(
+                    undated_sources_table.c.sha256 == sha256
+                )
+            ).one_or_none()
+        return None if row is None else (row.period, row.location)
+
+    def record_undated_source(self, sha256: str, period: str, location: str) -> tuple[str, str]:
+        """Bind an undated metrics file to ``period``; returns the period it is bound to."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    undated_sources_table.insert().values(
+                        sha256=sha256, period=period, location=location, recorded_at=_now()
+                    )
+                )
+        except sa.exc.IntegrityError:
+            pass
+        found = self.undated_source_period(sha256)
+        assert found is not None
+        return found
+
+    # Credentials ------------------------------------------------------------------------------
+
+    def load_credentials(self, target: str, account: str) -> dict[str, str]:
+        """The stored credentials of a provider account."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(credentials_table.c.name, credentials_table.c.value).where(
+                    credentials_table.c.target == target, credentials_table.c.account == account
+                )
+            ).all()
+        return {row.name: row.value for row in rows}
+
+    def store_credentials(self, target: str, account: str, values: Mapping[str, str]) -> None:
+        """Replace the stored credentials of a provider account in one transaction."""
+        now = _now()
+        with self.engine.begin() as conn:
+            conn.execute(
+                credentials_table.delete().where(
+                    credentials_table.c.target == target, credentials_table.c.account == account
+                )
+            )
+            if values:
+                conn.execute(
+                    credentials_table.insert(),
+                    [
+                        {
+                            "target": target,
+                            "account": account,
+                            "name": name,
+                            "value": value,
+                            "updated_at": now,
+                        }
+                        for name, value in values.items()
+                    ],
+                )
+
+    def lock_account(self, target: str, account: str, owner: str, seconds: float) -> bool:
+        """Take the account's lock for ``seconds`` unless a live holder has it."""
+        now = time.time()
+        where = (account_locks_table.c.target == target, account_locks_table.c.account == account)
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(account_locks_table).where(*where)).one_or_none()
+            if row is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(
+                            account_locks_table.insert().values(
+                                target=target,
+                                account=account,
+                                owner=owner,
+                                lock_until=now + seconds,
+                            )
+                        )
+                    return True
+                except sa.exc.IntegrityError:
+                    row = conn.execute(sa.select(account_locks_table).where(*where)).one()
+            free = (
+                row.owner is None
+                or row.owner == owner
+                or (row.lock_until or 0) < now
+                or owner_is_dead(row.owner)
+            )
+            if not free:
+                return False
+            result = conn.execute(
+                account_locks_table.update()
+                .where(
+                    *where,
+                    sa.or_(
+                        account_locks_table.c.owner.is_(None),
+                        account_locks_table.c.owner == row.owner,
+                    ),
+                )
+                .values(owner=owner, lock_until=now + seconds)
+            )
+            return bool(result.rowcount == 1)
+
+    def unlock_account(self, target: str, account: str, owner: str) -> None:
+        """Release the account's lock if ``owner`` holds it."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                account_locks_table.update()
+                .where(
+                    account_locks_table.c.target == target,
+                    account_locks_table.c.account == account,
+                    account_locks_table.c.owner == owner,
+                )
+                .values(owner=None, lock_until=None)
+            )
+
+
+def other_number_message(invoice: Invoice, other: str) -> str:
+    """Why a second number for the same client, period and revision is refused."""
+    return (
+        f"client {invoice.client_id} already has invoice {other} for {invoice.period}; "
+        f"{invoice.number} would bill the period twice (was the client's invoice_sequence "
+        "changed? pin it back with invoice_sequence)"
+    )
+
+
+def conflict_message(invoice: Invoice, recorded_hash: str | None) -> str:
+    """Why an invoice cannot be pushed under its number and revision."""
+    shown = (recorded_hash or "?")[:12]
+    return (
+        f"invoice {invoice.number} revision {invoice.revision} was issued before with other "
+        f"billed content (hash {shown}, now {invoice.billing_hash()[:12]}); "
+        "a correction needs a new revision"
+    )
+
+
+def _delivery(row: Any) -> DeliveryRecord:
+    return DeliveryRecord(
+        id=row.id,
+        invoice_number=row.invoice_number,
+        revision=row.revision,
+        client_id=row.client_id,
+        period=row.period,
+        target=row.target,
+        account=row.account,
+        content_hash=row.content_hash,
+        client_settings=json.loads(row.client_settings),
+        state=DeliveryState(row.state),
+        attempts=row.attempts,
+        refs=json.loads(row.refs),
+        last_error=row.last_error,
+        owner=row.owner,
+        lease_until=row.lease_until,
+        updated_at=_aware(row.updated_at),
+    )
+
+
+def _journal_mode_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting while another process creates the same file."""
+    # NOTE: turning a new database to WAL takes an exclusive lock, and SQLite answers
+    # "database is locked" at once (the busy timeout does not apply) while another connection
+    # holds the file, as when two pushes open a new ledger together. On a file already in WAL
+    # mode the pragma takes no such lock.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; the ledger writes UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -1,0 +1,465 @@
+"""One delivery, step by step: the loop that ``push``, ``retry`` and ``--dry-run`` share.
+
+For each step of the adapter the runner decides, from the ledger, what to do:
+
+- a step recorded ``delivered`` is done: its ids are reused;
+- a step with nothing to send (``skip``) records its ids;
+- otherwise the step's object is looked up by its natural key first, unless the ledger proves
+  it cannot exist yet (its parent, :attr:`~kiki_billing.plugin.Step.new_under`, was created by
+  this very delivery and the step was never started); a step started before (unknown outcome,
+  failed, deferred) is always looked up;
+- if nothing was found, the step is recorded ``in_flight``, then sent with its idempotency key
+  through the account's limiter and the retry policy, then recorded with the provider's ids.
+
+``--dry-run`` walks the same decisions without sending or recording anything, so what it shows
+is what ``push`` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import structlog
+
+from kiki_billing.hub.keys import idempotency_key
+from kiki_billing.hub.ledger import (
+    DeliveryRecord,
+    DeliveryState,
+    InvoiceConflictError,
+    Ledger,
+    StepOrigin,
+    StepRecord,
+)
+from kiki_billing.hub.plan import Delivery
+from kiki_billing.hub.ratelimit import LOCAL_LIMIT, AccountLimiter, CircuitBreaker
+from kiki_billing.hub.retry import RetryPolicy, run_with_retry
+from kiki_billing.models import Invoice
+from kiki_billing.plugin import (
+    BillingAdapter,
+    DeliveryError,
+    RateLimitedError,
+    Step,
+    StepContext,
+    StepRequest,
+    TerminalError,
+)
+
+T = TypeVar("T")
+log = structlog.get_logger("kiki_billing.hub")
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What became of one delivery in this run."""
+
+    invoice_number: str
+    client_id: str
+    target: str
+    account: str
+    state: DeliveryState
+    refs: Mapping[str, str] = field(default_factory=dict)
+    error: str | None = None
+    note: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Delivered, now or before."""
+        return self.state is DeliveryState.DELIVERED
+
+
+class StepAction(StrEnum):
+    """What a run does with a step."""
+
+    DONE = "already delivered"
+    SKIP = "nothing to send"
+    LOOKUP_THEN_SEND = "look up, send if not found"
+    SEND = "send"
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """A step as ``--dry-run`` shows it."""
+
+    name: str
+    idempotency_key: str
+    action: StepAction
+    request: StepRequest | None
+    recorded: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What ``push`` would do with one delivery now."""
+
+    delivery: Delivery
+    ledger_state: DeliveryState | None
+    verdict: str
+    steps: list[PlannedStep]
+    conflict: str | None = None
+
+
+def step_key(invoice: Invoice, target: str, step: str, prior: StepRecord | None) -> str:
+    """The key a step is sent with now.
+
+    A first attempt, and any attempt after an unknown outcome or a transient failure, resends
+    the key of the earlier attempt. A step that failed terminally (a validation error, or a
+    500 the provider said not to retry) is re-driven only after its cause was fixed, and its
+    natural-key look-up runs first; it gets a new, still deterministic key, because providers
+    keep the failed result under the old one.
+    """
+    if prior is None:
+        return idempotency_key(invoice.number, invoice.revision, target, step)
+    if prior.state is DeliveryState.FAILED:
+        return idempotency_key(invoice.number, invoice.revision, target, step, prior.attempts)
+    return prior.idempotency_key
+
+
+def should_look_up(step: Step[Any], prior: StepRecord | None, created: set[str]) -> bool:
+    """Whether the step's object may already exist upstream, so a look-up must come first."""
+    if step.lookup is None:
+        return False
+    if prior is not None:
+        return True
+    return step.new_under is None or step.new_under not in created
+
+
+class AccountMachinery:
+    """The limiters and circuit breakers of every provider account of a run."""
+
+    def __init__(
+        self,
+        *,
+        breaker_threshold: int,
+        breaker_cooldown: float,
+        max_wait: float,
+        sleep: Callable[[float], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._limiters: dict[tuple[str, str], AccountLimiter] = {}
+        self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
+        self._threshold = breaker_threshold
+        self._cooldown = breaker_cooldown
+        self._max_wait = max_wait
+        self._sleep = sleep
+        self._clock = clock
+
+    def limiter(self, adapter: BillingAdapter[Any, Any]) -> AccountLimiter:
+        """The limiter of the adapter's account."""
+        key = (adapter.name, adapter.account)
+        with self._lock:
+            found = self._limiters.get(key)
+            if found is None:
+                found = self._limiters[key] = AccountLimiter(
+                    adapter.rate_limit(),
+                    clock=self._clock,
+                    sleep=self._sleep,
+                    max_wait=self._max_wait,
+                )
+            return found
+
+    def breaker(self, adapter: BillingAdapter[Any, Any]) -> CircuitBreaker:
+        """The circuit breaker of the adapter's account."""
+        key = (adapter.name, adapter.account)
+        with self._lock:
+            found = self._breakers.get(key)
+            if found is None:
+                found = self._breakers[key] = CircuitBreaker(
+                    threshold=self._threshold, cooldown=self._cooldown, clock=self._clock
+                )
+            return found
+
+    def limiters(self) -> dict[tuple[str, str], AccountLimiter]:
+        """Every limiter made so far (for counters)."""
+        with self._lock:
+            return dict(self._limiters)
+
+
+class DeliveryRunner:
+    """Runs (or previews) one delivery's steps with every guarantee of the hub.
+
+    Args:
+        ledger: The delivery ledger.
+        policy: The retry policy.
+        machinery: Limiters and breakers per account.
+        owner: This process's owner name in the ledger.
+        hold: Registers a claimed delivery for lease heartbeats; returns the release.
+        sleep: Injected in tests.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        policy: RetryPolicy,
+        machinery: AccountMachinery,
+        owner: str,
+        hold: Callable[[int], Callable[[], None]],
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.ledger = ledger
+        self.policy = policy
+        self.machinery = machinery
+        self.owner = owner
+        self.hold = hold
+        self.sleep = sleep
+
+    # Calls through the limiter and the retry policy -----------------------------------------
+
+    def call(self, adapter: BillingAdapter[Any, Any], call: Callable[[], T], logger: Any) -> T:
+        """One provider request: a concurrency and a rate slot per attempt, retried as due."""
+        limiter = self.machinery.limiter(adapter)
+
+        def attempt() -> T:
+            with limiter.request():
+                return call()
+
+        def before_attempt(number: int) -> None:
+            if number > 1:
+                logger.info("step.attempt", attempt=number)
+
+        def throttled(error: DeliveryError) -> float:
+            assert isinstance(error, RateLimitedError)
+            if error.code == LOCAL_LIMIT:
+                return error.retry_after or 0.0
+            return limiter.throttled_by_provider(error.retry_after, error.window)
+
+        def on_retry(error: DeliveryError, number: int, wait: float) -> None:
+            logger.warning("step.retry", attempt=number, wait=round(wait, 3), error=str(error))
+
+        return run_with_retry(
+            attempt,
+            adapter.classify_error,
+            self.policy,
+            before_attempt=before_attempt,
+            on_retry=on_retry,
+            throttled=throttled,
+            sleep=self.sleep,
+        )
+
+    # Push -----------------------------------------------------------------------------------
+
+    def deliver(
+        self, delivery: Delivery, adapter: BillingAdapter[Any, Any], *, redrive_failed: bool
+    ) -> DeliveryOutcome:
+        """Record the invoice and its delivery, claim it, and run its steps."""
+        try:
+            self.ledger.record_invoice(delivery.invoice)
+        except InvoiceConflictError as exc:
+            return outcome(delivery, DeliveryState.FAILED, error=str(exc))
+        record = self.ledger.ensure_delivery(
+            delivery.invoice,
+            delivery.target,
+            delivery.account,
+            delivery.client.model_dump(mode="json"),
+        )
+        if record.state is DeliveryState.DELIVERED:
+            return outcome(
+                delivery, DeliveryState.DELIVERED, refs=record.refs, note="delivered before"
+            )
+        if record.state is DeliveryState.FAILED and not redrive_failed:
+            return outcome(
+                delivery,
+                DeliveryState.FAILED,
+                refs=record.refs,
+                error=record.last_error,
+                note="failed before; fix the cause, then run `kiki-billing retry`",
+            )
+        breaker = self.machinery.breaker(adapter)
+        if not breaker.allow():
+            reason = f"deferred: {adapter.name} circuit open after repeated failures"
+            self.ledger.defer(record.id, reason)
+            return outcome(delivery, DeliveryState.DEFERRED, error=reason)
+        claimable = [DeliveryState.PENDING, DeliveryState.DEFERRED]
+        if redrive_failed:
+            claimable.append(DeliveryState.FAILED)
+        attempts = self.ledger.claim(record.id, self.owner, claimable, time.time())
+        if attempts is None:
+            current = self.ledger.get_delivery(record.id)
+            if current.state is DeliveryState.IN_FLIGHT:
+                note = f"being delivered by another process ({current.owner})"
+            else:
+                note = f"{current.state.value} by another process"
+            return outcome(
+                delivery, current.state, refs=current.refs, error=current.last_error, note=note
+            )
+        release = self.hold(record.id)
+        try:
+            return self._run(delivery, record, adapter, breaker, first_claim=attempts == 1)
+        finally:
+            release()
+
+    def _run(
+        self,
+        delivery: Delivery,
+        record: DeliveryRecord,
+        adapter: BillingAdapter[Any, Any],
+        breaker: CircuitBreaker,
+        *,
+        first_claim: bool,
+    ) -> DeliveryOutcome:
+        invoice = delivery.invoice
+        refs = self.ledger.client_refs(adapter.name, delivery.account, invoice.client_id)
+        refs.update(record.refs)
+        # The first claim of a delivery has no steps recorded: no need to read them.
+        recorded = {} if first_claim else self.ledger.steps(record.id)
+        created = {name for name, r in recorded.items() if r.origin is StepOrigin.SENT}
+        logger = log.bind(invoice=invoice.number, target=delivery.target, client=invoice.client_id)
+        limiter = self.machinery.limiter(adapter)
+        step_name = "validate"
+        try:
+            adapter.validate(invoice, delivery.client)
+            for step in adapter.steps(invoice, delivery.client):
+                step_name = step.name
+                prior = recorded.get(step.name)
+                if prior is not None and prior.state is DeliveryState.DELIVERED:
+                    refs.update(prior.refs)
+                    continue
+                key = step_key(invoice, delivery.target, step.name, prior)
+                ctx = StepContext(
+                    invoice=invoice,
+                    client=delivery.client,
+                    refs=dict(refs),
+                    idempotency_key=key,
+                    throttle=limiter.acquire,
+                )
+                request = step.request(ctx)
+                step_log = logger.bind(step=step.name, idempotency_key=key)
+                found = step.skip(ctx) if step.skip is not None else None
+                origin = StepOrigin.SKIPPED
+                if found is None and should_look_up(step, prior, created):
+                    lookup = step.lookup
+                    assert lookup is not None
+                    found = self.call(adapter, functools.partial(lookup, ctx), step_log)
+                    origin = StepOrigin.FOUND
+                    if found is not None:
+                        step_log.info("step.found_upstream", refs=dict(found))
+                if found is None:
+                    self.ledger.step_started(record.id, step.name, key)
+                    send = step.send
+                    found = self.call(adapter, functools.partial(send, ctx, request), step_log)
+                    origin = StepOrigin.SENT
+                    created.add(step.name)
+                    step_log.info("step.sent", refs=dict(found))
+                self.ledger.step_finished(
+                    record.id, step.name, key, DeliveryState.DELIVERED, found, origin=origin
+                )
+                refs.update(found)
+                client_refs = {k: v for k, v in found.items() if k in adapter.client_refs}
+                if client_refs and origin is not StepOrigin.SKIPPED:
+                    # Kept at once, so a later period reuses them even after a crash.
+                    self.ledger.remember_client_refs(
+                        adapter.name, delivery.account, invoice.client_id, client_refs
+                    )
+        except DeliveryError as exc:
+            return self._failed(delivery, record, adapter, breaker, step_name, refs, exc, logger)
+        except Exception as exc:
+            logger.exception("delivery.internal_error", step=step_name)
+            error = adapter.classify_error(exc)
+            error = TerminalError(f"internal error in {step_name}: {error.message}")
+            return self._failed(delivery, record, adapter, breaker, step_name, refs, error, logger)
+        self.ledger.finish(record.id, self.owner, DeliveryState.DELIVERED, refs)
+        breaker.record_success()
+        logger.info("delivery.delivered", refs=refs)
+        return outcome(delivery, DeliveryState.DELIVERED, refs=refs)
+
+    def _failed(
+        self,
+        delivery: Delivery,
+        record: DeliveryRecord,
+        adapter: BillingAdapter[Any, Any],
+        breaker: CircuitBreaker,
+        step_name: str,
+        refs: Mapping[str, str],
+        error: DeliveryError,
+        logger: Any,
+    ) -> DeliveryOutcome:
+        state = DeliveryState.DEFERRED if error.retriable else DeliveryState.FAILED
+        error = error.scrubbed(adapter.secrets())
+        message = f"{step_name}: {error}"
+        if step_name != "validate":
+            key = idempotency_key(
+                delivery.invoice.number, delivery.invoice.revision, delivery.target, step_name
+            )
+            self.ledger.step_finished(record.id, step_name, key, state, refs={}, error=str(error))
+        self.ledger.finish(record.id, self.owner, state, refs, message)
+        if (error.retriable and error.code != LOCAL_LIMIT) or error.status in (401, 403):
+            breaker.record_failure()
+        logger.warning("delivery.not_delivered", state=state.value, error=message)
+        return outcome(delivery, state, refs=refs, error=message)
+
+    # Dry run --------------------------------------------------------------------------------
+
+    def preview(self, delivery: Delivery, adapter: BillingAdapter[Any, Any]) -> Preview:
+        """What pushing ``delivery`` would do now, without sending or recording anything."""
+        invoice = delivery.invoice
+        existing = self.ledger.find_delivery(
+            invoice.number, invoice.revision, delivery.target, delivery.account
+        )
+        state = existing.state if existing else None
+        conflict = self.ledger.invoice_conflict(invoice)
+        if conflict is not None:
+            return Preview(delivery, state, "would fail: " + conflict, [], conflict=conflict)
+        refs = self.ledger.client_refs(adapter.name, delivery.account, invoice.client_id)
+        recorded = self.ledger.steps(existing.id) if existing else {}
+        if existing:
+            refs.update(existing.refs)
+        verdict = {
+            None: "new: would send",
+            DeliveryState.PENDING: "pending: would send",
+            DeliveryState.DEFERRED: "deferred before: would resume",
+            DeliveryState.IN_FLIGHT: "in flight: would resume if its holder is gone",
+            DeliveryState.DELIVERED: "delivered before: nothing to send",
+            DeliveryState.FAILED: "failed before: push skips it; `kiki-billing retry` resumes",
+        }[state]
+        adapter.validate(invoice, delivery.client)
+        created = {name for name, r in recorded.items() if r.origin is StepOrigin.SENT}
+        planned = []
+        for step in adapter.steps(invoice, delivery.client):
+            prior = recorded.get(step.name)
+            key = step_key(invoice, delivery.target, step.name, prior)
+            if prior is not None and prior.state is DeliveryState.DELIVERED:
+                refs.update(prior.refs)
+                planned.append(PlannedStep(step.name, key, StepAction.DONE, None, prior.refs))
+                continue
+            ctx = StepContext(
+                invoice=invoice, client=delivery.client, refs=dict(refs), idempotency_key=key
+            )
+            request = step.request(ctx)
+            skipped = step.skip(ctx) if step.skip is not None else None
+            if skipped is not None:
+                refs.update(skipped)
+                planned.append(PlannedStep(step.name, key, StepAction.SKIP, request, skipped))
+                continue
+            looks = should_look_up(step, prior, created)
+            action = StepAction.LOOKUP_THEN_SEND if looks else StepAction.SEND
+            planned.append(PlannedStep(step.name, key, action, request))
+            created.add(step.name)
+        return Preview(delivery, state, verdict, planned)
+
+
+def outcome(
+    delivery: Delivery,
+    state: DeliveryState,
+    *,
+    refs: Mapping[str, str] | None = None,
+    error: str | None = None,
+    note: str | None = None,
+) -> DeliveryOutcome:
+    """The outcome of ``delivery``."""
+    return DeliveryOutcome(
+        invoice_number=delivery.invoice.number,
+        client_id=delivery.invoice.client_id,
+        target=delivery.target,
+        account=delivery.account,
+        state=state,
+        refs=dict(refs or {}),
+        error=error,
+        note=note,
+    )

@@ -1,0 +1,738 @@
+"""The adapter API: everything a billing-system adapter imports, from this one module.
+
+An adapter turns an :class:`Invoice` into a sequence of :class:`Step` s (find or create the
+customer, create the invoice, add its lines, finalize, collect). Each step builds its request
+with a pure mapper (:attr:`Step.request`), and :attr:`Step.send` sends exactly that request
+through the provider's SDK. The hub owns everything around a step: the idempotency key,
+look-ups by natural key, retries, rate limits, the circuit breaker, credentials and the ledger.
+An adapter never sleeps, never retries and never writes the ledger.
+
+A third-party adapter imports from here and nothing else of ``kiki_billing``::
+
+    from kiki_billing.plugin import AdapterSettings, BillingAdapter, ClientSettings, Step
+
+    class AcmeAdapter(BillingAdapter[AcmeSettings, AcmeClient]):
+        name = "acme"
+        def steps(self, invoice, client): ...
+        def classify(self, error): ...
+
+Errors an adapter reports (:meth:`BillingAdapter.classify` returns one)::
+
+    DeliveryError                 every failure an adapter reports
+    ├── TransientError            retry with the same idempotency key (network, 5xx, 409 lock)
+    │   ├── RateLimitedError      429 / throttled: the whole account slows down
+    │   └── CredentialsExpired    401 on a token that can be refreshed: one retry, then terminal
+    └── TerminalError             do not retry: validation, auth, not found, duplicate
+        └── AmountLimitError      an amount the provider cannot represent, found before any call
+
+Retry code checks these markers, never a list of SDK exception classes. Every error carries the
+provider's message and request id, which show in ``str(error)``.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, final, get_args, get_origin
+from urllib.parse import quote, quote_plus
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kiki_billing.errors import ConfigurationError, InputError
+from kiki_billing.models import Invoice, InvoiceLine, LineKind
+from kiki_billing.money import MONEY_CONTEXT, currency_exponent, format_money, to_minor_units
+
+__all__ = [
+    "MONEY_CONTEXT",
+    "AdapterSettings",
+    "AmountLimitError",
+    "BillingAdapter",
+    "ClientSettings",
+    "ConfigurationError",
+    "CredentialStore",
+    "CredentialsExpired",
+    "DeliveryError",
+    "InputError",
+    "Invoice",
+    "InvoiceLine",
+    "LineKind",
+    "MemoryCredentialStore",
+    "NoClientSettings",
+    "RateLimit",
+    "RateLimitedError",
+    "RateWindow",
+    "SecretStr",
+    "Step",
+    "StepContext",
+    "StepRequest",
+    "TerminalError",
+    "TransientError",
+    "classify_http_status",
+    "currency_exponent",
+    "format_money",
+    "parse_rate_limit",
+    "parse_retry_after",
+    "scrub_secrets",
+    "secret_forms",
+    "to_minor_units",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class DeliveryError(Exception):
+    """A failure reported by a billing system or found before calling it.
+
+    Args:
+        message: The provider's own message (or ours, before any call).
+        request_id: The provider's request id, when it sent one.
+        status: The HTTP status, when there was one.
+        code: The provider's error code (``lock_timeout``, ``6240``, ...).
+    """
+
+    retriable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str | None = None,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        self.message = message
+        self.request_id = request_id
+        self.status = status
+        self.code = code
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        details = [
+            f"HTTP {self.status}" if self.status else None,
+            f"code {self.code}" if self.code else None,
+            f"request {self.request_id}" if self.request_id else None,
+        ]
+        shown = ", ".join(d for d in details if d)
+        return f"{self.message} ({shown})" if shown else self.message
+
+    def scrubbed(self, secrets: Iterable[str]) -> DeliveryError:
+        """This error with every form of every secret removed from its message."""
+        clean = scrub_secrets(self.message, secrets)
+        if clean != self.message:
+            self.message = clean
+            self.args = (str(self),)
+        return self
+
+
+class TransientError(DeliveryError):
+    """Worth retrying with the same idempotency key.
+
+    Args:
+        retry_after: Seconds the provider asked us to wait, if it said.
+    """
+
+    retriable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        request_id: str | None = None,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, request_id=request_id, status=status, code=code)
+
+
+class RateLimitedError(TransientError):
+    """The provider throttled the account: every request of the account slows down.
+
+    Args:
+        window: Which of the provider's limits was hit, when it says (``second``, ``minute``,
+            ``day``, ``concurrent``); a ``day`` limit defers the account's deliveries.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        window: str | None = None,
+        retry_after: float | None = None,
+        request_id: str | None = None,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        self.window = window
+        super().__init__(
+            message, retry_after=retry_after, request_id=request_id, status=status, code=code
+        )
+
+
+class CredentialsExpired(TransientError):
+    """The provider refused an access token that a refresh may renew (HTTP 401).
+
+    The hub retries the step once at once; the adapter refreshes before that attempt. A second
+    401 in a row is terminal.
+    """
+
+
+class TerminalError(DeliveryError):
+    """Retrying cannot help; fix the cause (or the data) first."""
+
+
+class AmountLimitError(TerminalError):
+    """An amount the provider cannot represent; found before any call is made."""
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers every HTTP adapter needs
+# --------------------------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date.
+
+    Args:
+        value: The header's value, or ``None``.
+        now: The current time (tests); default: the clock.
+
+    Returns:
+        Non-negative seconds, or ``None`` when the header is absent or unreadable.
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+# NOTE: RFC 9110: 408 Request Timeout, 425 Too Early and 429 are worth retrying; 409 is a
+# conflict that several providers use for "the same key is in flight" (Stripe, Zuora REST).
+_TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
+
+
+def classify_http_status(
+    status: int | None,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    request_id: str | None = None,
+    code: str | None = None,
+) -> DeliveryError:
+    """The common classification of an HTTP outcome.
+
+    ``None`` (no response: a connection error, a timeout), 408, 409, 425 and 5xx are transient;
+    429 is rate limited (with ``Retry-After`` when sent); every other 4xx is terminal.
+    Provider-specific rules (a retry hint header, a throttling code in a 400 body) go first in
+    the adapter's own ``classify``.
+
+    Args:
+        status: The HTTP status, or ``None`` when no response arrived.
+        message: The provider's message.
+        headers: The response headers (any case).
+        request_id: The provider's request id.
+        code: The provider's error code.
+
+    Returns:
+        The classified error.
+    """
+    lowered = {k.lower(): v for k, v in (headers or {}).items()}
+    retry_after = parse_retry_after(lowered.get("retry-after"))
+    details: dict[str, Any] = {"request_id": request_id, "status": status, "code": code}
+    if status == 429:
+        return RateLimitedError(message, retry_after=retry_after, **details)
+    if status is None or status in _TRANSIENT_STATUSES or status >= 500:
+        return TransientError(message, retry_after=retry_after, **details)
+    return TerminalError(message, **details)
+
+
+def secret_forms(secret: str) -> set[str]:
+    """Every spelling of ``secret`` that could reach a log: raw, ``repr``, JSON, URL-encoded."""
+    if not secret:
+        return set()
+    forms = {
+        secret,
+        repr(secret)[1:-1],
+        secret.encode("unicode_escape").decode("ascii"),
+        quote(secret, safe=""),
+        quote_plus(secret, safe=""),
+        quote(secret),
+    }
+    import json
+
+    forms.add(json.dumps(secret)[1:-1])
+    return {form for form in forms if form}
+
+
+def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every form of every secret (see :func:`secret_forms`) replaced by ``***``."""
+    forms = sorted({form for secret in secrets for form in secret_forms(secret)}, key=len)
+    for form in reversed(forms):  # longest first, so a form inside another goes with it
+        text = text.replace(form, "***")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Rate limits
+# --------------------------------------------------------------------------------------------
+
+_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0, "h": 3600.0}
+_UNITS |= {"hour": 3600.0, "d": 86400.0, "day": 86400.0}
+_WINDOW_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+
+
+@dataclass(frozen=True)
+class RateWindow:
+    """At most ``requests`` requests in any interval of ``seconds`` seconds."""
+
+    requests: int
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or not self.seconds > 0:
+            raise ValueError("a rate window needs at least 1 request in a positive interval")
+
+    @property
+    def name(self) -> str:
+        """``second``, ``minute``, ``day``, or the interval in seconds."""
+        return _WINDOW_NAMES.get(self.seconds, f"{self.seconds:g}s")
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "day"}.get(self.seconds)
+        return f"{self.requests}/{unit}" if unit else f"{self.requests}/{self.seconds:g}s"
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A provider's published limits for one account: windows and requests in flight."""
+
+    windows: tuple[RateWindow, ...]
+    concurrency: int = 4
+
+    @classmethod
+    def per_second(cls, rate: float, concurrency: int = 4) -> RateLimit:
+        """``rate`` requests per second (a fractional rate becomes a longer window)."""
+        if rate >= 1:
+            return cls((RateWindow(round(rate), 1.0),), concurrency)
+        return cls((RateWindow(1, 1.0 / rate),), concurrency)
+
+    def __str__(self) -> str:
+        return ", ".join(str(w) for w in self.windows) + f", {self.concurrency} in flight"
+
+
+def parse_rate_limit(text: str) -> tuple[RateWindow, ...]:
+    """Windows from ``"100"`` (per second), ``"10/s,500/min"`` or ``"5000/day"``.
+
+    Raises:
+        ValueError: Not of that form, or a count below 1.
+    """
+    windows = []
+    for part in text.split(","):
+        item = part.strip().lower()
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:/\s*(\d*)\s*([a-z]+))?", item)
+        if not match:
+            raise ValueError(f"{part.strip()!r} is not a rate like 100/s, 500/min or 5000/day")
+        count, multiple, unit = match.groups()
+        seconds = _UNITS.get(unit or "s")
+        if seconds is None:
+            raise ValueError(f"unknown unit {unit!r} (s, min, h, day)")
+        seconds *= int(multiple) if multiple else 1
+        rate = float(count)
+        if rate <= 0:
+            raise ValueError("a rate must be positive")
+        if rate < 1 and unit in (None, "s", "sec", "second"):
+            windows.append(RateWindow(1, seconds / rate))
+        elif rate != int(rate):
+            raise ValueError(f"{count} is not a whole number of requests per {unit}")
+        else:
+            windows.append(RateWindow(int(rate), seconds))
+    return tuple(sorted(windows, key=lambda w: w.seconds))
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+class AdapterSettings(BaseSettings):
+    """Credentials, endpoint and limits of one adapter, from ``KIKI_<ADAPTER>_*`` variables.
+
+    Subclasses set ``model_config = SettingsConfigDict(env_prefix="KIKI_<ADAPTER>_")`` and hold
+    secrets as :class:`SecretStr`, so they never reach a log or an exception.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    rate_limit: str | None = None
+    """``KIKI_<ADAPTER>_RATE_LIMIT``: ``100`` (per second) or windows ``10/s,500/min,5000/day``."""
+    concurrency: int | None = Field(default=None, ge=1, le=1000)
+    """``KIKI_<ADAPTER>_CONCURRENCY``: requests in flight per account."""
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate_limit(value)
+        return value
+
+
+class ClientSettings(BaseModel):
+    """Per-client settings of one target (``[clients.<adapter>]`` in the contracts file)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+class NoClientSettings(ClientSettings):
+    """An adapter without per-client settings."""
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials that rotate
+# --------------------------------------------------------------------------------------------
+
+
+class CredentialStore(Protocol):
+    """Tokens of one provider account, kept by the hub (in the ledger database).
+
+    An OAuth adapter keeps its rotating refresh token and current access token here. Every
+    change runs under the account's lock, across threads and processes, and is stored before
+    :meth:`update` returns, so a process killed right after a refresh never strands the
+    account, and two processes never spend the same single-use refresh token.
+    """
+
+    def load(self) -> Mapping[str, str]:
+        """The stored values (empty when nothing was stored yet)."""
+        ...
+
+    def update(
+        self, change: Callable[[Mapping[str, str]], Mapping[str, str] | None]
+    ) -> Mapping[str, str]:
+        """Under the account's lock, call ``change(current)``; store what it returns.
+
+        ``change`` returns ``None`` when nothing needs to change (another process refreshed
+        already), or the new values, which are stored before this returns them.
+        """
+        ...
+
+
+class MemoryCredentialStore:
+    """A :class:`CredentialStore` in memory, for tests and commands without a ledger."""
+
+    def __init__(self, values: Mapping[str, str] | None = None) -> None:
+        import threading
+
+        self._values: dict[str, str] = dict(values or {})
+        self._lock = threading.Lock()
+
+    def load(self) -> Mapping[str, str]:
+        """The stored values."""
+        with self._lock:
+            return dict(self._values)
+
+    def update(
+        self, change: Callable[[Mapping[str, str]], Mapping[str, str] | None]
+    ) -> Mapping[str, str]:
+        """Call ``change`` under the lock and keep what it returns."""
+        with self._lock:
+            new = change(dict(self._values))
+            if new is not None:
+                self._values = dict(new)
+            return dict(self._values)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+SettingsT = TypeVar("SettingsT", bound=AdapterSettings)
+ClientT = TypeVar("ClientT", bound=ClientSettings)
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """What a step sends: shown by ``--dry-run`` and handed to :attr:`Step.send` as is.
+
+    Ids that earlier steps have not produced yet appear as ``{placeholders}`` (dry run only).
+    ``headers`` never carries credentials: the SDK adds them.
+    """
+
+    method: str
+    path: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def _no_throttle() -> object:
+    return None
+
+
+@dataclass(frozen=True)
+class StepContext(Generic[ClientT]):
+    """What a step may use: the invoice, the client's settings, ids so far, its key.
+
+    Attributes:
+        throttle: Call it before each request a step makes beyond its first (a second page of
+            a list): it takes a rate-limit slot of the account.
+    """
+
+    invoice: Invoice
+    client: ClientT
+    refs: Mapping[str, str]
+    idempotency_key: str
+    throttle: Callable[[], object] = _no_throttle
+
+
+@dataclass(frozen=True)
+class Step(Generic[ClientT]):
+    """One write to the provider.
+
+    Attributes:
+        name: Stable name within the delivery (``customer``, ``draft``, ``line-1``, ...); part of
+            the idempotency key, so renaming a step re-sends it.
+        request: Builds the request from the context (pure; no I/O).
+        send: Sends the request ``request`` built, with ``ctx.idempotency_key``, and returns the
+            provider ids to record.
+        lookup: Finds the step's object by its natural key (one request); returns its ids, or
+            ``None`` when it does not exist and the step must be sent. The hub runs it before
+            the first send (unless :attr:`new_under` proves it cannot exist) and after every
+            unknown outcome.
+        new_under: The earlier step whose object holds this one (the invoice of a line, the
+            customer of an invoice). When this very delivery created that object, this one
+            cannot exist yet, and the hub sends without a look-up. ``None``: always look up.
+        skip: Returns ids when the step has nothing to send (a customer id is configured).
+    """
+
+    name: str
+    request: Callable[[StepContext[ClientT]], StepRequest]
+    send: Callable[[StepContext[ClientT], StepRequest], Mapping[str, str]]
+    lookup: Callable[[StepContext[ClientT]], Mapping[str, str] | None] | None = None
+    new_under: str | None = None
+    skip: Callable[[StepContext[ClientT]], Mapping[str, str] | None] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter
+# --------------------------------------------------------------------------------------------
+
+
+def _model_args(cls: type) -> tuple[type[AdapterSettings], type[ClientSettings]] | None:
+    """The ``(settings, client settings)`` models a subclass names in its generic base."""
+    for base in getattr(cls, "__orig_bases__", ()):
+        origin = get_origin(base)
+        if isinstance(origin, type) and issubclass(origin, BillingAdapter):
+            args = get_args(base)
+            if len(args) == 2 and all(isinstance(a, type) for a in args):
+                return args[0], args[1]
+    return None
+
+
+class BillingAdapter(ABC, Generic[SettingsT, ClientT]):
+    """Base class of every billing-system adapter (built-in or third-party).
+
+    A subclass names its settings and per-client settings models as type arguments
+    (``BillingAdapter[StripeSettings, StripeClientSettings]``), declares ``name`` and
+    optionally ``extra``, ``requires``, ``client_refs`` and ``default_rate_limit``, and
+    implements :meth:`steps` and :meth:`classify`. It is found through the
+    ``kiki_billing.adapters`` entry-point group. Methods marked ``@final`` belong to the hub.
+
+    Args:
+        settings: The adapter's settings, already validated.
+        credentials: The hub's store for rotating tokens of this account.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    extra: ClassVar[str | None] = None
+    """The ``pip install 'kiki-billing[extra]'`` that installs the adapter's SDK."""
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Modules the adapter imports (its SDK); checked before use."""
+    settings_model: ClassVar[type[AdapterSettings]] = AdapterSettings
+    client_settings_model: ClassVar[type[ClientSettings]] = NoClientSettings
+    defaults_tables: ClassVar[tuple[str, ...]] = ()
+    """Tables of the contracts file (``exports.xero``) that give every client's defaults, in
+    addition to ``[targets.<name>]``; only keys of the client settings model are taken."""
+    client_refs: ClassVar[tuple[str, ...]] = ()
+    """Ids that belong to the client, not the invoice (``customer_id``): reused next period."""
+    default_rate_limit: ClassVar[RateLimit] = RateLimit((RateWindow(10, 1.0),), concurrency=4)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        models = _model_args(cls)
+        if models is not None:
+            cls.settings_model, cls.client_settings_model = models
+
+    def __init__(self, settings: SettingsT, *, credentials: CredentialStore | None = None) -> None:
+        self.settings: SettingsT = settings
+        self.credentials: CredentialStore = credentials or MemoryCredentialStore()
+
+    # What an adapter may override ------------------------------------------------------------
+
+    @property
+    def account(self) -> str:
+        """The provider account the settings point at (mode and account, realm, tenant).
+
+        Part of every delivery's identity in the ledger, and the scope of rate limits,
+        breakers and credentials: the same invoice pushed to another account is another
+        delivery. Never a secret (hash a key if the key is all there is).
+        """
+        return "default"
+
+    def published_rate_limit(self) -> RateLimit:
+        """The provider's published limit for :attr:`account` (default: the class's)."""
+        return self.default_rate_limit
+
+    def validate(self, invoice: Invoice, client: ClientT) -> None:
+        """Refuse an invoice the provider cannot take, before any call.
+
+        Raises:
+            TerminalError: E.g. an amount over the provider's limit.
+        """
+
+    @abstractmethod
+    def steps(self, invoice: Invoice, client: ClientT) -> Sequence[Step[ClientT]]:
+        """The writes that deliver ``invoice``, in order."""
+
+    @abstractmethod
+    def classify(self, error: Exception) -> DeliveryError:
+        """Map an SDK exception to a transient or terminal :class:`DeliveryError`."""
+
+    def close(self) -> None:
+        """Release SDK resources (sessions); called once after a push."""
+
+    # What the hub owns -----------------------------------------------------------------------
+
+    @final
+    def rate_limit(self) -> RateLimit:
+        """The account's limit: ``KIKI_<ADAPTER>_RATE_LIMIT``/``_CONCURRENCY``, else published."""
+        published = self.published_rate_limit()
+        windows = published.windows
+        if self.settings.rate_limit is not None:
+            windows = parse_rate_limit(self.settings.rate_limit)
+        return RateLimit(windows, self.settings.concurrency or published.concurrency)
+
+    @final
+    def secrets(self) -> list[str]:
+        """The values of every secret setting, for scrubbing."""
+        found = []
+        for name in type(self.settings).model_fields:
+            value = getattr(self.settings, name, None)
+            if isinstance(value, SecretStr) and value.get_secret_value():
+                found.append(value.get_secret_value())
+        found.extend(v for k, v in self.credentials.load().items() if "token" in k and v)
+        return found
+
+    @final
+    def classify_error(self, error: Exception) -> DeliveryError:
+        """:meth:`classify`, with every secret scrubbed from the message."""
+        try:
+            classified = self.classify(error)
+        except Exception as exc:  # a bug in classify must not lose the original error
+            classified = TerminalError(f"{type(error).__name__}: {error} ({exc!r} classifying)")
+        return classified.scrubbed(self.secrets())
+
+    @final
+    @classmethod
+    def client_settings(
+        cls, defaults: Mapping[str, Any], table: Mapping[str, Any]
+    ) -> ClientSettings:
+        """Validate one client's ``[clients.<name>]`` table over the contracts-file defaults.
+
+        Args:
+            defaults: Keys from :attr:`defaults_tables` and ``[targets.<name>]``; keys the
+                model does not know are dropped (a defaults table may serve several targets).
+            table: The client's own table: every key must be known.
+
+        Raises:
+            pydantic.ValidationError: A value is invalid or a key of ``table`` is unknown.
+        """
+        known = cls.client_settings_model.model_fields
+        merged = {k: v for k, v in defaults.items() if k in known}
+        merged.update(table)
+        return cls.client_settings_model.model_validate(merged)
+
+    @final
+    @classmethod
+    def read_settings(cls) -> AdapterSettings:
+        """The adapter's settings from the environment.
+
+        Raises:
+            ConfigurationError: A required variable is missing or malformed; names the
+                variable, never its value.
+        """
+        try:
+            return cls.settings_model()
+        except ValidationError as exc:
+            prefix = str(cls.settings_model.model_config.get("env_prefix", ""))
+            first = exc.errors()[0]
+            variable = (prefix + "_".join(str(p) for p in first["loc"])).upper()
+            if first["type"] == "missing":
+                raise ConfigurationError(f"adapter {cls.name!r}: {variable} is not set") from None
+            reason = str(first["msg"]).removeprefix("Value error, ")
+            raise ConfigurationError(
+                f"adapter {cls.name!r}: {variable} is invalid: {reason}"
+            ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Setting validators every adapter needs
+# --------------------------------------------------------------------------------------------
+
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def check_api_base(value: str) -> str:
+    """An API base URL: ``https://``, or ``http://`` only for this machine (a local fake).
+
+    Raises:
+        ValueError: Not an absolute http(s) URL, or plain HTTP to another host (credentials
+            would cross the network in clear text). The message never repeats the value.
+    """
+    from urllib.parse import urlsplit
+
+    text = value.strip()
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname
+    except ValueError:
+        raise ValueError("is not a URL") from None
+    if parts.scheme not in ("http", "https") or not host or text != value or " " in text:
+        raise ValueError("is not an absolute http(s) URL")
+    if parts.scheme == "http" and host not in _LOCAL_HOSTS:
+        raise ValueError("uses plain http to a remote host; use https")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials; use the adapter's secret settings")
+    return text.rstrip("/")
+
+
+def check_secret(value: SecretStr) -> SecretStr:
+    """A credential: not empty, no whitespace or control characters anywhere.
+
+    Raises:
+        ValueError: The message never repeats the value.
+    """
+    secret = value.get_secret_value()
+    if not secret:
+        raise ValueError("is empty")
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in secret):
+        raise ValueError("contains whitespace or a control character (a pasted newline?)")
+    return value
+
+
+__all__ += ["check_api_base", "check_secret"]
