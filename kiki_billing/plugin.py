@@ -37,7 +37,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, final, get_args, get_origin
+from typing import (
+    Any,
+    ClassVar,
+    Generic,
+    Protocol,
+    TypeVar,
+    final,
+    get_args,
+    get_origin,
+    runtime_checkable,
+)
 from urllib.parse import quote, quote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -63,6 +73,7 @@ __all__ = [
     "LineKind",
     "MemoryCredentialStore",
     "NoClientSettings",
+    "OAuthConnect",
     "RateLimit",
     "RateLimitedError",
     "RateWindow",
@@ -455,6 +466,38 @@ class MemoryCredentialStore:
             if new is not None:
                 self._values = dict(new)
             return dict(self._values)
+
+
+@runtime_checkable
+class OAuthConnect(Protocol):
+    """An adapter whose first refresh token comes from OAuth's authorization-code flow.
+
+    ``kiki-billing connect <target>`` serves a redirect on 127.0.0.1, sends the user to
+    :meth:`authorization_url`, and hands the redirect's query to
+    :meth:`complete_authorization`, which exchanges the code and keeps the tokens in
+    :attr:`BillingAdapter.credentials`.
+    """
+
+    def authorization_url(self, redirect_uri: str, state: str) -> str:
+        """Where the user grants access (the provider's consent page)."""
+        ...
+
+    def complete_authorization(self, callback: Mapping[str, str], redirect_uri: str) -> str:
+        """Exchange the callback's code for tokens and store them.
+
+        Args:
+            callback: The redirect's query parameters (``code``, ``state`` checked by the
+                caller, provider extras such as QuickBooks' ``realmId``).
+            redirect_uri: The redirect URI used in :meth:`authorization_url`.
+
+        Returns:
+            What was connected, for the user (``realm 123``, ``tenant Acme Ltd``); no secret.
+
+        Raises:
+            ConfigurationError: The provider refused the code, or the callback names another
+                account than the settings do.
+        """
+        ...
 
 
 # --------------------------------------------------------------------------------------------
