@@ -71,7 +71,9 @@ def cents(value: int) -> Decimal:
     return Decimal(value).scaleb(-2)
 
 
-def build_invoices(count: int, seed: int = 2026) -> tuple[ContractsFile, tuple[Invoice, ...]]:
+def build_invoices(
+    count: int, seed: int = 2026, targets: tuple[str, ...] = ("stripe",)
+) -> tuple[ContractsFile, tuple[Invoice, ...]]:
     """``count`` clients with one campaign each, and their computed invoices."""
     rng = random.Random(seed)
     contracts = tuple(
@@ -79,7 +81,7 @@ def build_invoices(count: int, seed: int = 2026) -> tuple[ContractsFile, tuple[I
             client_id=f"client_{n:05d}",
             name=f"Client {n}",
             email=f"billing+{n}@client-{n}.example",
-            targets=("stripe",),
+            targets=targets,
         )
         for n in range(count)
     )

@@ -330,6 +330,13 @@ class Invoice(Frozen):
         body = self.model_dump(mode="json", exclude={"content_hash", "proof"})
         return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
+    def document_and_billing_hash(self) -> tuple[str, str]:
+        """:meth:`canonical_json` and :meth:`billing_hash` from one serialisation."""
+        data = self.model_dump(mode="json")
+        document = canonical_json(data)
+        body = {k: v for k, v in data.items() if k not in ("content_hash", "proof")}
+        return document, hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
     def sealed(self) -> Invoice:
         """Return this invoice with its content hash (:meth:`billing_hash`) filled in."""
         return self.model_copy(update={"content_hash": self.billing_hash()})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic_settings import SettingsConfigDict
 
@@ -56,6 +56,10 @@ class FileTarget(BillingAdapter[FileSettingsT, FileClientT], Generic[FileSetting
     suffix: ClassVar[str]
     default_rate_limit: ClassVar[RateLimit] = RateLimit((RateWindow(100_000, 1.0),), concurrency=4)
 
+    def __init__(self, settings: FileSettingsT, **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self._account = str(settings.dir.resolve())
+
     @property
     def directory(self) -> Path:
         """The folder files are written to."""
@@ -63,8 +67,8 @@ class FileTarget(BillingAdapter[FileSettingsT, FileClientT], Generic[FileSetting
 
     @property
     def account(self) -> str:
-        """One "account" per folder."""
-        return str(self.directory.resolve())
+        """One "account" per folder (its absolute path)."""
+        return self._account
 
     def render(self, invoice: Invoice, client: FileClientT) -> str:
         """The file's content."""

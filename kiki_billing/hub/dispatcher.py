@@ -112,7 +112,7 @@ class Hub:
         self.adapters = dict(adapters)
         self.policy = policy
         self.on_outcome = on_outcome
-        self.owner = process_owner()
+        owner = process_owner()
         self.machinery = AccountMachinery(
             breaker_threshold=breaker_threshold,
             breaker_cooldown=breaker_cooldown,
@@ -120,10 +120,17 @@ class Hub:
             sleep=pace or sleep,
             clock=clock,
         )
-        self.leases = LeaseKeeper(ledger, self.owner)
-        self.runner = DeliveryRunner(
-            ledger, policy, self.machinery, self.owner, self.leases.hold, sleep
-        )
+        self.leases = LeaseKeeper(ledger, owner)
+        self.runner = DeliveryRunner(ledger, policy, self.machinery, owner, self.leases.hold, sleep)
+
+    @property
+    def owner(self) -> str:
+        """The name this hub's claims carry in the ledger (``host:pid:start``)."""
+        return self.runner.owner
+
+    @owner.setter
+    def owner(self, value: str) -> None:
+        self.runner.owner = self.leases.owner = value
 
     def push(
         self, deliveries: Sequence[Delivery], *, redrive_failed: bool = False

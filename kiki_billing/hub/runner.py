@@ -18,6 +18,7 @@ is what ``push`` does.
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,10 +31,10 @@ from kiki_billing.hub.keys import idempotency_key
 from kiki_billing.hub.ledger import (
     DeliveryRecord,
     DeliveryState,
-    InvoiceConflictError,
     Ledger,
     StepOrigin,
     StepRecord,
+    StepWrite,
 )
 from kiki_billing.hub.plan import Delivery
 from kiki_billing.hub.ratelimit import LOCAL_LIMIT, AccountLimiter, CircuitBreaker
@@ -249,16 +250,31 @@ class DeliveryRunner:
         self, delivery: Delivery, adapter: BillingAdapter[Any, Any], *, redrive_failed: bool
     ) -> DeliveryOutcome:
         """Record the invoice and its delivery, claim it, and run its steps."""
-        try:
-            self.ledger.record_invoice(delivery.invoice)
-        except InvoiceConflictError as exc:
-            return outcome(delivery, DeliveryState.FAILED, error=str(exc))
-        record = self.ledger.ensure_delivery(
+        claimable = [DeliveryState.PENDING, DeliveryState.DEFERRED]
+        if redrive_failed:
+            claimable.append(DeliveryState.FAILED)
+        breaker = self.machinery.breaker(adapter)
+        opened = self.ledger.open_delivery(
             delivery.invoice,
             delivery.target,
             delivery.account,
             delivery.client.model_dump(mode="json"),
+            self.owner,
+            claimable,
+            breaker.allow,
+            time.time(),
         )
+        if opened.conflict is not None or opened.record is None:
+            return outcome(delivery, DeliveryState.FAILED, error=opened.conflict)
+        record = opened.record
+        if opened.attempts is not None:
+            release = self.hold(record.id)
+            try:
+                return self._run(
+                    delivery, record, adapter, breaker, first_claim=opened.attempts == 1
+                )
+            finally:
+                release()
         if record.state is DeliveryState.DELIVERED:
             return outcome(
                 delivery, DeliveryState.DELIVERED, refs=record.refs, note="delivered before"
@@ -271,29 +287,18 @@ class DeliveryRunner:
                 error=record.last_error,
                 note="failed before; fix the cause, then run `kiki-billing retry`",
             )
-        breaker = self.machinery.breaker(adapter)
-        if not breaker.allow():
+        if opened.breaker_open:
             reason = f"deferred: {adapter.name} circuit open after repeated failures"
             self.ledger.defer(record.id, reason)
             return outcome(delivery, DeliveryState.DEFERRED, error=reason)
-        claimable = [DeliveryState.PENDING, DeliveryState.DEFERRED]
-        if redrive_failed:
-            claimable.append(DeliveryState.FAILED)
-        attempts = self.ledger.claim(record.id, self.owner, claimable, time.time())
-        if attempts is None:
-            current = self.ledger.get_delivery(record.id)
-            if current.state is DeliveryState.IN_FLIGHT:
-                note = f"being delivered by another process ({current.owner})"
-            else:
-                note = f"{current.state.value} by another process"
-            return outcome(
-                delivery, current.state, refs=current.refs, error=current.last_error, note=note
-            )
-        release = self.hold(record.id)
-        try:
-            return self._run(delivery, record, adapter, breaker, first_claim=attempts == 1)
-        finally:
-            release()
+        current = self.ledger.get_delivery(record.id)
+        if current.state is DeliveryState.IN_FLIGHT:
+            note = f"being delivered by another process ({current.owner})"
+        else:
+            note = f"{current.state.value} by another process"
+        return outcome(
+            delivery, current.state, refs=current.refs, error=current.last_error, note=note
+        )
 
     def _run(
         self,
@@ -312,6 +317,10 @@ class DeliveryRunner:
         created = {name for name, r in recorded.items() if r.origin is StepOrigin.SENT}
         logger = log.bind(invoice=invoice.number, target=delivery.target, client=invoice.client_id)
         limiter = self.machinery.limiter(adapter)
+        # Step results wait here and are committed with the next step's start (or the end of
+        # the delivery): one transaction per step instead of two.
+        pending: list[StepWrite] = []
+        keep: dict[str, str] = {}
         step_name = "validate"
         try:
             adapter.validate(invoice, delivery.client)
@@ -333,6 +342,7 @@ class DeliveryRunner:
                 step_log = logger.bind(step=step.name, idempotency_key=key)
                 found = step.skip(ctx) if step.skip is not None else None
                 origin = StepOrigin.SKIPPED
+                has_row = prior is not None
                 if found is None and should_look_up(step, prior, created):
                     lookup = step.lookup
                     assert lookup is not None
@@ -341,33 +351,70 @@ class DeliveryRunner:
                     if found is not None:
                         step_log.info("step.found_upstream", refs=dict(found))
                 if found is None:
-                    self.ledger.step_started(record.id, step.name, key)
+                    _check_resolved(step.name, request)
+                    pending.append(StepWrite.started(step.name, key, new=not has_row))
+                    self._flush(record.id, adapter, delivery, pending, keep)
+                    has_row = True
                     send = step.send
                     found = self.call(adapter, functools.partial(send, ctx, request), step_log)
                     origin = StepOrigin.SENT
                     created.add(step.name)
                     step_log.info("step.sent", refs=dict(found))
-                self.ledger.step_finished(
-                    record.id, step.name, key, DeliveryState.DELIVERED, found, origin=origin
+                pending.append(
+                    StepWrite(
+                        step.name,
+                        key,
+                        DeliveryState.DELIVERED,
+                        dict(found),
+                        origin=origin,
+                        new=not has_row,
+                    )
                 )
                 refs.update(found)
-                client_refs = {k: v for k, v in found.items() if k in adapter.client_refs}
-                if client_refs and origin is not StepOrigin.SKIPPED:
-                    # Kept at once, so a later period reuses them even after a crash.
-                    self.ledger.remember_client_refs(
-                        adapter.name, delivery.account, invoice.client_id, client_refs
-                    )
+                if origin is not StepOrigin.SKIPPED:
+                    # Kept with the step, so a later period reuses them even after a crash.
+                    keep.update({k: v for k, v in found.items() if k in adapter.client_refs})
         except DeliveryError as exc:
-            return self._failed(delivery, record, adapter, breaker, step_name, refs, exc, logger)
+            return self._failed(
+                delivery, record, adapter, breaker, step_name, refs, exc, logger, pending, keep
+            )
         except Exception as exc:
             logger.exception("delivery.internal_error", step=step_name)
             error = adapter.classify_error(exc)
             error = TerminalError(f"internal error in {step_name}: {error.message}")
-            return self._failed(delivery, record, adapter, breaker, step_name, refs, error, logger)
-        self.ledger.finish(record.id, self.owner, DeliveryState.DELIVERED, refs)
+            return self._failed(
+                delivery, record, adapter, breaker, step_name, refs, error, logger, pending, keep
+            )
+        self._flush(
+            record.id,
+            adapter,
+            delivery,
+            pending,
+            keep,
+            finish=(self.owner, DeliveryState.DELIVERED, refs, None),
+        )
         breaker.record_success()
         logger.info("delivery.delivered", refs=refs)
         return outcome(delivery, DeliveryState.DELIVERED, refs=refs)
+
+    def _flush(
+        self,
+        delivery_id: int,
+        adapter: BillingAdapter[Any, Any],
+        delivery: Delivery,
+        pending: list[StepWrite],
+        keep: dict[str, str],
+        *,
+        finish: tuple[str, DeliveryState, Mapping[str, str], str | None] | None = None,
+    ) -> None:
+        client_refs = (
+            (adapter.name, delivery.account, delivery.invoice.client_id, dict(keep))
+            if keep
+            else None
+        )
+        self.ledger.record_steps(delivery_id, pending, client_refs=client_refs, finish=finish)
+        pending.clear()
+        keep.clear()
 
     def _failed(
         self,
@@ -379,6 +426,8 @@ class DeliveryRunner:
         refs: Mapping[str, str],
         error: DeliveryError,
         logger: Any,
+        pending: list[StepWrite],
+        keep: dict[str, str],
     ) -> DeliveryOutcome:
         state = DeliveryState.DEFERRED if error.retriable else DeliveryState.FAILED
         error = error.scrubbed(adapter.secrets())
@@ -387,8 +436,10 @@ class DeliveryRunner:
             key = idempotency_key(
                 delivery.invoice.number, delivery.invoice.revision, delivery.target, step_name
             )
-            self.ledger.step_finished(record.id, step_name, key, state, refs={}, error=str(error))
-        self.ledger.finish(record.id, self.owner, state, refs, message)
+            pending.append(StepWrite(step_name, key, state, {}, str(error)))
+        self._flush(
+            record.id, adapter, delivery, pending, keep, finish=(self.owner, state, refs, message)
+        )
         if (error.retriable and error.code != LOCAL_LIMIT) or error.status in (401, 403):
             breaker.record_failure()
         logger.warning("delivery.not_delivered", state=state.value, error=message)
@@ -442,6 +493,33 @@ class DeliveryRunner:
             planned.append(PlannedStep(step.name, key, action, request))
             created.add(step.name)
         return Preview(delivery, state, verdict, planned)
+
+
+_PLACEHOLDER = re.compile(r"\{[a-z][a-z0-9_]*\}")
+
+
+def _check_resolved(step: str, request: StepRequest) -> None:
+    """Refuse to send a request that still holds an id placeholder (an earlier step is missing).
+
+    A placeholder is a whole value or path segment such as ``{invoice_id}``, as the adapters'
+    request builders write them when an id is not known yet.
+
+    Raises:
+        TerminalError: Naming the placeholder.
+    """
+    texts = request.path.split("/")
+    stack: list[Any] = [request.payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    for text in texts:
+        if _PLACEHOLDER.fullmatch(text):
+            raise TerminalError(f"{step} needs {text}, which no earlier step recorded")
 
 
 def outcome(

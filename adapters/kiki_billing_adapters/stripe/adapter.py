@@ -75,6 +75,7 @@ class StripeAdapter(BillingAdapter[StripeSettings, StripeClientSettings]):
 
     def __init__(self, settings: StripeSettings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
+        self._account = settings.account_id
         self._client: StripeClient | None = None
         self._lock = threading.Lock()
 
@@ -83,7 +84,7 @@ class StripeAdapter(BillingAdapter[StripeSettings, StripeClientSettings]):
     @property
     def account(self) -> str:
         """``test:``/``live:`` plus ``KIKI_STRIPE_ACCOUNT`` or a fingerprint of the key."""
-        return self.settings.account_id
+        return self._account
 
     def published_rate_limit(self) -> RateLimit:
         """25 req/s for test keys, 100 for live (Stripe's published limits), 10 in flight."""

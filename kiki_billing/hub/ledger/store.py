@@ -16,9 +16,10 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -75,6 +76,42 @@ class StepRecord:
     last_error: str | None
     origin: StepOrigin | None
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class StepWrite:
+    """One change to a step's row: started (``in_flight``) or finished."""
+
+    step: str
+    key: str
+    state: DeliveryState
+    refs: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    origin: StepOrigin | None = None
+    new: bool = False
+    """The step has no row yet: insert without trying an update first."""
+
+    @classmethod
+    def started(cls, step: str, key: str, *, new: bool) -> StepWrite:
+        """The step is about to be sent."""
+        return cls(step, key, DeliveryState.IN_FLIGHT, new=new)
+
+
+@dataclass(frozen=True)
+class OpenedDelivery:
+    """What :meth:`Ledger.open_delivery` found.
+
+    Attributes:
+        record: The delivery (``None`` when the invoice was refused).
+        attempts: Its attempts counting this one when this process now holds it, else ``None``.
+        conflict: Why the invoice was refused (other content or another number).
+        breaker_open: The delivery was not started because its account's circuit is open.
+    """
+
+    record: DeliveryRecord | None
+    attempts: int | None
+    conflict: str | None
+    breaker_open: bool = False
 
 
 class InvoiceConflictError(Exception):
@@ -280,6 +317,164 @@ class Ledger:
             ).scalar_one()
         return Invoice.model_validate_json(document)
 
+    # Opening a delivery: the hot path of a push ------------------------------------------------
+
+    def open_delivery(
+        self,
+        invoice: Invoice,
+        target: str,
+        account: str,
+        client_settings: Mapping[str, Any],
+        owner: str,
+        claimable: Iterable[DeliveryState],
+        may_start: Callable[[], bool],
+        now: float,
+    ) -> OpenedDelivery:
+        """Record the invoice, find or create its delivery, and claim it, in one transaction.
+
+        What :meth:`record_invoice`, :meth:`ensure_delivery` and :meth:`claim` do one after the
+        other, with the fewest statements: a new delivery is inserted already claimed.
+
+        Args:
+            invoice: The invoice.
+            target: The adapter name.
+            account: The provider account.
+            client_settings: The client's settings for the target (kept for the record).
+            owner: This process.
+            claimable: States this run may take the delivery from.
+            may_start: Asked before a claim (the circuit breaker); when it says no, a delivery
+                that is pending or deferred is marked deferred instead.
+            now: The current time (epoch seconds).
+
+        Returns:
+            The delivery, whether this process now holds it, or why the invoice was refused.
+        """
+        document, billing = invoice.document_and_billing_hash()
+        values = {
+            "number": invoice.number,
+            "revision": invoice.revision,
+            "target": target,
+            "account": account,
+        }
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                self._statement(
+                    "invoice_of_client",
+                    lambda: sa.select(invoices_table.c.number, invoices_table.c.content_hash).where(
+                        invoices_table.c.client_id == sa.bindparam("client_id"),
+                        invoices_table.c.period == sa.bindparam("period"),
+                        invoices_table.c.revision == sa.bindparam("revision"),
+                    ),
+                ),
+                {
+                    "client_id": invoice.client_id,
+                    "period": invoice.period,
+                    "revision": invoice.revision,
+                },
+            ).all()
+            for row in rows:
+                if row.number != invoice.number:
+                    return OpenedDelivery(None, None, other_number_message(invoice, row.number))
+                if row.content_hash != billing:
+                    return OpenedDelivery(None, None, conflict_message(invoice, row.content_hash))
+            if not rows:
+                inserted = conn.execute(
+                    self._insert_new(invoices_table),
+                    {
+                        "number": invoice.number,
+                        "revision": invoice.revision,
+                        "client_id": invoice.client_id,
+                        "period": invoice.period,
+                        "currency": invoice.currency,
+                        "total_fee": format(invoice.total_fee, "f"),
+                        "content_hash": billing,
+                        "document": document,
+                        "recorded_at": _now(),
+                    },
+                )
+                if inserted.rowcount != 1:  # another process recorded it meanwhile
+                    recorded = self.recorded_hash(invoice.number, invoice.revision, conn)
+                    if recorded != billing:
+                        return OpenedDelivery(None, None, conflict_message(invoice, recorded))
+            found = conn.execute(self._find_delivery(), values).one_or_none()
+            if found is None:
+                started = may_start()
+                stamp = _now()
+                new_row: dict[str, Any] = {
+                    "invoice_number": invoice.number,
+                    "revision": invoice.revision,
+                    "client_id": invoice.client_id,
+                    "period": invoice.period,
+                    "target": target,
+                    "account": account,
+                    "content_hash": billing,
+                    "client_settings": dumps(dict(client_settings)),
+                    "state": (DeliveryState.IN_FLIGHT if started else DeliveryState.PENDING).value,
+                    "attempts": 1 if started else 0,
+                    "refs": "{}",
+                    "last_error": None,
+                    "owner": owner if started else None,
+                    "lease_until": now + self.lease_seconds if started else None,
+                    "created_at": stamp,
+                    "updated_at": stamp,
+                    "delivered_at": None,
+                }
+                new_id = self._insert_delivery(conn, new_row)
+                if new_id is not None:
+                    created = _delivery(SimpleNamespace(id=new_id, **new_row))
+                    return OpenedDelivery(
+                        created, 1 if started else None, None, breaker_open=not started
+                    )
+                found = conn.execute(self._find_delivery(), values).one()
+        record = _delivery(found)
+        if record.state is DeliveryState.DELIVERED:
+            return OpenedDelivery(record, None, None)
+        states = set(claimable)
+        if record.state in states and not may_start():
+            return OpenedDelivery(record, None, None, breaker_open=True)
+        return OpenedDelivery(record, self.claim(record.id, owner, states, now), None)
+
+    def _insert_new(self, table: sa.Table) -> Any:
+        """``INSERT ... ON CONFLICT DO NOTHING`` (no savepoint; rowcount 0 on a conflict)."""
+
+        def build() -> Any:
+            if self.engine.dialect.name == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+                return pg_insert(table).on_conflict_do_nothing()
+            if self.engine.dialect.name == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+                return sqlite_insert(table).on_conflict_do_nothing()
+            return table.insert().prefix_with("IGNORE")  # MySQL and MariaDB
+
+        return self._statement(f"insert_new_{table.name}", build)
+
+    def _insert_delivery(self, conn: sa.Connection, row: Mapping[str, Any]) -> int | None:
+        """Insert a delivery unless one exists; its new id, or ``None`` on a conflict."""
+        if self.engine.dialect.insert_returning:
+            statement = self._statement(
+                "delivery_insert_returning",
+                lambda: self._insert_new(deliveries_table).returning(deliveries_table.c.id),
+            )
+            return conn.execute(statement, dict(row)).scalar_one_or_none()
+        inserted = conn.execute(self._insert_new(deliveries_table), dict(row))
+        if inserted.rowcount != 1:
+            return None
+        key = inserted.inserted_primary_key
+        return int(key[0]) if key else None
+
+    def _find_delivery(self) -> Any:
+        return self._statement(
+            "find_delivery",
+            lambda: sa.select(deliveries_table).where(
+                deliveries_table.c.invoice_number == sa.bindparam("number"),
+                deliveries_table.c.revision == sa.bindparam("revision"),
+                deliveries_table.c.target == sa.bindparam("target"),
+                deliveries_table.c.account == sa.bindparam("account"),
+            ),
+        )
+
     # Deliveries -----------------------------------------------------------------------------
 
     def ensure_delivery(
@@ -324,18 +519,9 @@ class Ledger:
         self, number: str, revision: int, target: str, account: str
     ) -> DeliveryRecord | None:
         """The delivery of an invoice revision to a target account, if recorded."""
-        query = self._statement(
-            "find_delivery",
-            lambda: sa.select(deliveries_table).where(
-                deliveries_table.c.invoice_number == sa.bindparam("number"),
-                deliveries_table.c.revision == sa.bindparam("revision"),
-                deliveries_table.c.target == sa.bindparam("target"),
-                deliveries_table.c.account == sa.bindparam("account"),
-            ),
-        )
         with self.engine.connect() as conn:
             row = conn.execute(
-                query,
+                self._find_delivery(),
                 {"number": number, "revision": revision, "target": target, "account": account},
             ).one_or_none()
         return None if row is None else _delivery(row)
@@ -414,28 +600,39 @@ class Ledger:
         error: str | None = None,
     ) -> None:
         """Record the outcome of a delivery and release it."""
-        now = _now()
         with self.engine.begin() as conn:
-            conn.execute(
-                self._statement(
-                    "finish",
-                    lambda: deliveries_table.update().where(
-                        deliveries_table.c.id == sa.bindparam("delivery_id"),
-                        deliveries_table.c.owner == sa.bindparam("holder"),
-                    ),
+            self._finish(conn, delivery_id, owner, state, refs, error, _now())
+
+    def _finish(
+        self,
+        conn: sa.Connection,
+        delivery_id: int,
+        owner: str,
+        state: DeliveryState,
+        refs: Mapping[str, str],
+        error: str | None,
+        now: datetime,
+    ) -> None:
+        conn.execute(
+            self._statement(
+                "finish",
+                lambda: deliveries_table.update().where(
+                    deliveries_table.c.id == sa.bindparam("delivery_id"),
+                    deliveries_table.c.owner == sa.bindparam("holder"),
                 ),
-                {
-                    "delivery_id": delivery_id,
-                    "holder": owner,
-                    "state": state.value,
-                    "refs": dumps(dict(refs)),
-                    "last_error": error,
-                    "owner": None,
-                    "lease_until": None,
-                    "updated_at": now,
-                    "delivered_at": now if state is DeliveryState.DELIVERED else None,
-                },
-            )
+            ),
+            {
+                "delivery_id": delivery_id,
+                "holder": owner,
+                "state": state.value,
+                "refs": dumps(dict(refs)),
+                "last_error": error,
+                "owner": None,
+                "lease_until": None,
+                "updated_at": now,
+                "delivered_at": now if state is DeliveryState.DELIVERED else None,
+            },
+        )
 
     def defer(self, delivery_id: int, reason: str) -> None:
         """Mark a delivery that was not started (circuit open, day limit) as deferred."""
@@ -507,35 +704,16 @@ class Ledger:
             for row in rows
         }
 
-    def step_started(self, delivery_id: int, step: str, key: str) -> None:
-        """Committed before the provider is called: this step's outcome is now unknown."""
-        now = _now()
-        with self.engine.begin() as conn:
-            updated = conn.execute(
-                steps_table.update()
-                .where(steps_table.c.delivery_id == delivery_id, steps_table.c.step == step)
-                .values(
-                    idempotency_key=key,
-                    state=DeliveryState.IN_FLIGHT.value,
-                    attempts=steps_table.c.attempts + 1,
-                    updated_at=now,
-                )
-            )
-            if updated.rowcount == 0:
-                conn.execute(
-                    self._statement("step_insert", steps_table.insert),
-                    {
-                        "delivery_id": delivery_id,
-                        "step": step,
-                        "idempotency_key": key,
-                        "state": DeliveryState.IN_FLIGHT.value,
-                        "attempts": 1,
-                        "refs": "{}",
-                        "last_error": None,
-                        "origin": None,
-                        "updated_at": now,
-                    },
-                )
+    def step_started(self, delivery_id: int, step: str, key: str, *, new: bool = False) -> None:
+        """Committed before the provider is called: this step's outcome is now unknown.
+
+        Args:
+            delivery_id: The delivery.
+            step: The step's name.
+            key: Its idempotency key.
+            new: The step has no row yet (the caller read the delivery's steps): insert only.
+        """
+        self.record_steps(delivery_id, [StepWrite.started(step, key, new=new)])
 
     def step_finished(
         self,
@@ -546,32 +724,81 @@ class Ledger:
         refs: Mapping[str, str] | None = None,
         error: str | None = None,
         origin: StepOrigin | None = None,
+        *,
+        new: bool = False,
     ) -> None:
-        """Record a step's outcome (delivered with its ids and origin, or the error)."""
-        values = {
-            "state": state.value,
-            "refs": dumps(dict(refs or {})),
-            "last_error": error,
-            "updated_at": _now(),
-        }
-        if origin is not None:
-            values["origin"] = origin.value
+        """Record a step's outcome (delivered with its ids and origin, or the error).
+
+        ``new``: the step has no row yet (found or skipped without being sent): insert only.
+        """
+        write = StepWrite(step, key, state, dict(refs or {}), error, origin, new=new)
+        self.record_steps(delivery_id, [write])
+
+    def record_steps(
+        self,
+        delivery_id: int,
+        writes: Iterable[StepWrite],
+        *,
+        client_refs: tuple[str, str, str, Mapping[str, str]] | None = None,
+        finish: tuple[str, DeliveryState, Mapping[str, str], str | None] | None = None,
+    ) -> None:
+        """Apply step writes (and keep client ids, and finish the delivery) in one transaction.
+
+        The runner batches a step's result with the start of the next one: both happen at the
+        same moment, and a kill between the provider's answer and this commit leaves the same
+        unknown outcome a kill just before the answer would.
+
+        Args:
+            delivery_id: The delivery.
+            writes: In order.
+            client_refs: ``(target, account, client_id, refs)`` to keep for later periods.
+            finish: ``(owner, state, refs, error)`` to end the delivery with.
+        """
+        now = _now()
         with self.engine.begin() as conn:
-            updated = conn.execute(
-                steps_table.update()
-                .where(steps_table.c.delivery_id == delivery_id, steps_table.c.step == step)
-                .values(**values)
+            for write in writes:
+                self._apply_step(conn, delivery_id, write, now)
+            if client_refs is not None:
+                target, account, client_id, refs = client_refs
+                self._remember(conn, target, account, client_id, refs)
+            if finish is not None:
+                owner, state, refs_done, error = finish
+                self._finish(conn, delivery_id, owner, state, refs_done, error, now)
+
+    def _apply_step(
+        self, conn: sa.Connection, delivery_id: int, write: StepWrite, now: datetime
+    ) -> None:
+        values: dict[str, Any] = {
+            "state": write.state.value,
+            "last_error": write.error,
+            "updated_at": now,
+        }
+        if write.state is DeliveryState.IN_FLIGHT:
+            values["idempotency_key"] = write.key
+        else:
+            values["refs"] = dumps(write.refs)
+        if write.origin is not None:
+            values["origin"] = write.origin.value
+        if not write.new:
+            update = steps_table.update().where(
+                steps_table.c.delivery_id == delivery_id, steps_table.c.step == write.step
             )
-            if updated.rowcount == 0:
-                conn.execute(
-                    steps_table.insert().values(
-                        delivery_id=delivery_id,
-                        step=step,
-                        idempotency_key=key,
-                        attempts=0,
-                        **values,
-                    )
-                )
+            if write.state is DeliveryState.IN_FLIGHT:
+                update = update.values(attempts=steps_table.c.attempts + 1)
+            if conn.execute(update.values(**values)).rowcount:
+                return
+        conn.execute(
+            self._statement("step_insert", steps_table.insert),
+            {
+                "delivery_id": delivery_id,
+                "step": write.step,
+                "idempotency_key": write.key,
+                "attempts": 1 if write.state is DeliveryState.IN_FLIGHT else 0,
+                "refs": dumps(write.refs),
+                "origin": None,
+                **values,
+            },
+        )
 
     # Ids that belong to the client ----------------------------------------------------------
 
@@ -595,6 +822,17 @@ class Ledger:
         self, target: str, account: str, client_id: str, refs: Mapping[str, str]
     ) -> None:
         """Keep the client's ids for the next period."""
+        with self.engine.begin() as conn:
+            self._remember(conn, target, account, client_id, refs)
+
+    def _remember(
+        self,
+        conn: sa.Connection,
+        target: str,
+        account: str,
+        client_id: str,
+        refs: Mapping[str, str],
+    ) -> None:
         for name, value in refs.items():
             where = (
                 client_refs_table.c.target == target,
@@ -602,12 +840,8 @@ class Ledger:
                 client_refs_table.c.client_id == client_id,
                 client_refs_table.c.name == name,
             )
-            self._upsert(
-                client_refs_table,
-                where,
-                {"value": value},
-                {"target": target, "account": account, "client_id": client_id, "name": name},
-            )
+            keys = {"target": target, "account": account, "client_id": client_id, "name": name}
+            self._upsert(client_refs_table, where, {"value": value}, keys, conn)
 
     def _upsert(
         self,

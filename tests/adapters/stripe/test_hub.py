@@ -439,17 +439,18 @@ def test_rerun_after_crash_right_after_the_draft_finds_it_upstream(
     make_hub, fake, ledger, monkeypatch, keys
 ) -> None:
     inv = invoice()
-    record_step = ledger.step_finished
+    record_steps = ledger.record_steps
 
-    def killed_after_draft(delivery_id: int, step: str, *args: Any, **kwargs: Any) -> None:
-        if step == "draft":
+    def killed_after_draft(delivery_id: int, writes: Any, **kwargs: Any) -> None:
+        writes = list(writes)
+        if any(w.step == "draft" and w.state is DeliveryState.DELIVERED for w in writes):
             raise ProcessKilled  # Stripe created the draft; the ledger never heard back
-        record_step(delivery_id, step, *args, **kwargs)
+        record_steps(delivery_id, writes, **kwargs)
 
-    monkeypatch.setattr(ledger, "step_finished", killed_after_draft)
+    monkeypatch.setattr(ledger, "record_steps", killed_after_draft)
     with pytest.raises(ProcessKilled):
         make_hub().push(deliveries(inv))
-    monkeypatch.setattr(ledger, "step_finished", record_step)
+    monkeypatch.setattr(ledger, "record_steps", record_steps)
     (draft_id,) = [i["id"] for i in fake.state()["invoices"]]
     assert ledger.steps(ledger.deliveries()[0].id)["draft"].state is DeliveryState.IN_FLIGHT
     crash_ledger(ledger, ("draft",))
