@@ -180,7 +180,7 @@ def test_stripe_sdk_end_to_end(fake: FakeStripe, sdk: stripe.StripeClient) -> No
     assert [i.id for i in listed.data] == [invoice.id]
     keys = [r.idempotency_key for r in fake.requests if r.method == "POST"]
     assert keys[:2] == ["cus-c1", "inv-INV-1"]
-    assert all(r.stripe_version == API_VERSION for r in fake.requests)
+    assert all(r.headers["stripe-version"] == API_VERSION for r in fake.requests)
 
 
 def test_sdk_maps_fake_errors_to_its_exceptions(fake: FakeStripe, sdk: stripe.StripeClient) -> None:
