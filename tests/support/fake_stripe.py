@@ -13,6 +13,14 @@ Stripe documents it for v1: the first result for a key (per API key) is kept and
 ``idempotency_error``. Results are kept only once the endpoint has started executing:
 validation errors (4xx) and 429s are not kept, 2xx, 402 (card errors) and 5xx are.
 
+Rate limits: ``rate_mode="window"`` admits at most ``rate_limit`` (default 100) requests in any
+one-second interval, as Stripe documents its live limit, and answers the rest with a 429 and no
+``Retry-After``; ``rate_mode="bucket"`` (the default) is a token bucket of ``rate_limit``
+requests per second and ``burst`` deep, with no limit when ``rate_limit`` is unset.
+
+Keys are kept 24 hours on the fake's clock; ``fake.advance_clock(86400)`` (or ``POST
+/_fake/clock {"advance": 86400}``) expires them without waiting.
+
 Faults can be queued for the next N requests matching a method and path (prefix, or a glob with
 ``*``): an error status (503, 429 with ``Retry-After``, 500 with ``Stripe-Should-Retry: false``,
 402 card error, 400), a dropped connection (TCP reset, no response) or a delay, each either before
@@ -28,7 +36,7 @@ Use it in-process::
 
 or as a process (tests wait for the ready file, then stop it by its pid)::
 
-    python -m tests.support.fake_stripe --port 0 --rate-limit 100 --latency 0.05 \\
+    python -m tests.support.fake_stripe --port 0 --rate-mode window --latency 0.05 \\
         --ready-file /tmp/fake.url
 
 Control endpoints (no auth) live under ``/_fake/``: see :mod:`tests.support.fake_provider`.
@@ -36,7 +44,7 @@ Control endpoints (no auth) live under ``/_fake/``: see :mod:`tests.support.fake
 Not modelled: Stripe's other endpoints and parameters (a parameter the spec allows but this fake
 does not model is rejected with a message saying so), taxes, discounts, webhooks, automatic
 collection (an ``auto_advance`` invoice stays ``open`` until ``/pay``), payment failures other
-than injected ones, three-decimal-currency rules, and key expiry after 24 h.
+than injected ones, and three-decimal-currency rules.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from .fake_provider import (
     Bucket,
@@ -73,6 +81,7 @@ from .fake_provider import (
     RecordedRequest,
     Rejection,
     Route,
+    Window,
     common_arguments,
     serve_until_stopped,
     spawn_fake,
@@ -104,6 +113,13 @@ MAX_INVOICE_ITEMS = 250
 MAX_AMOUNT = 99_999_999
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_METADATA_KEYS = 50
+# NOTE: Stripe's live-mode limit is 100 operations per second (25 in test mode), and its 429 has
+# no Retry-After (stripe.com/docs/rate-limits).
+LIVE_RATE_LIMIT = 100
+# NOTE: Stripe keeps an idempotency key for at least 24 hours
+# (stripe.com/docs/api/idempotent_requests).
+KEY_LIFETIME = 24 * 3600.0
+RateMode = Literal["window", "bucket"]
 _ALPHANUM = string.ascii_letters + string.digits
 
 JSON = dict[str, Any]
@@ -1293,15 +1309,18 @@ class FakeStripeApp(FakeProviderApp):
     """Stripe's routes, objects and rules on the provider-independent base, without any HTTP.
 
     Args:
-        rate_limit: requests per second over all ``/v1`` traffic (None: unlimited).
+        rate_limit: requests per second over all ``/v1`` traffic (None: unlimited in bucket
+            mode, 100 in window mode).
         burst: token-bucket size (default: ``rate_limit``).
+        rate_mode: ``window`` (at most ``rate_limit`` in any sliding second, as Stripe's live
+            limit) or ``bucket`` (a token bucket).
         rate_limit_retry_after: send ``Retry-After`` with rate-limit 429s (Stripe does not).
         latency: seconds added to every ``/v1`` request (outside any lock).
         search_lag: objects younger than this are invisible to ``/search`` (Stripe's search is
             not read-after-write).
         spec_check: reject requests that Stripe's OpenAPI spec rejects, with Stripe's messages.
         seed: make ids deterministic.
-        key_lifetime: seconds an idempotency key is kept (default: forever).
+        key_lifetime: seconds an idempotency key is kept on the fake's clock (default: 24 h).
         clock: wall-clock source for ``created`` and the other timestamps.
     """
 
@@ -1309,10 +1328,12 @@ class FakeStripeApp(FakeProviderApp):
     routes = ROUTES
     # NOTE: Stripe reads Idempotency-Key on POST only; on GET and DELETE it is ignored.
     key_methods = frozenset({"POST"})
+    default_key_lifetime = KEY_LIFETIME
     fault_type = Fault
     provider_settings = (
         "rate_limit",
         "burst",
+        "rate_mode",
         "rate_limit_retry_after",
         "search_lag",
         "spec_check",
@@ -1323,6 +1344,7 @@ class FakeStripeApp(FakeProviderApp):
         *,
         rate_limit: float | None = None,
         burst: float | None = None,
+        rate_mode: RateMode = "bucket",
         rate_limit_retry_after: float | None = None,
         latency: float = 0.0,
         search_lag: float = 0.0,
@@ -1338,31 +1360,41 @@ class FakeStripeApp(FakeProviderApp):
         self.rate_limit_retry_after = rate_limit_retry_after
         self.rate_limit = rate_limit
         self.burst = burst
+        self.rate_mode = rate_mode
         self.limiter.set_limits(self._rate_limits())
 
     def _rate_limits(self) -> RateLimits:
+        if self.rate_mode == "window":
+            limit = LIVE_RATE_LIMIT if self.rate_limit is None else self.rate_limit
+            if limit < 1 or not float(limit).is_integer():
+                raise ValueError(f"window mode needs whole requests per second, not {limit}")
+            return RateLimits(windows=(Window(int(limit), 1.0, "second"),))
+        if self.rate_mode != "bucket":
+            raise ValueError(f"rate_mode is window or bucket, not {self.rate_mode!r}")
         if not self.rate_limit:
             return RateLimits()
         return RateLimits(bucket=Bucket(self.rate_limit, self.burst))
 
     def configure_provider(self, settings: Mapping[str, Any]) -> None:
-        """Change ``rate_limit``/``burst``/``rate_limit_retry_after``/``search_lag``/
-        ``spec_check``.
+        """Change ``rate_limit``/``burst``/``rate_mode``/``rate_limit_retry_after``/
+        ``search_lag``/``spec_check``.
         """
         for name in ("rate_limit_retry_after", "search_lag", "spec_check"):
             if name in settings:
                 setattr(self, name, settings[name])
-        if "rate_limit" in settings or "burst" in settings:
+        if {"rate_limit", "burst", "rate_mode"} & set(settings):
             self.rate_limit = settings.get("rate_limit", self.rate_limit)
             self.burst = settings.get("burst", self.burst)
+            self.rate_mode = settings.get("rate_mode", self.rate_mode)
             self.limiter.set_limits(self._rate_limits())
 
     def provider_config(self) -> JSON:
         """Stripe's settings."""
-        bucket = self.limiter.limits.bucket
+        limits = self.limiter.limits
         return {
-            "rate_limit": self.rate_limit,
-            "burst": bucket.capacity if bucket else None,
+            "rate_mode": self.rate_mode,
+            "rate_limit": limits.windows[0].limit if limits.windows else self.rate_limit,
+            "burst": limits.bucket.capacity if limits.bucket else None,
             "rate_limit_retry_after": self.rate_limit_retry_after,
             "search_lag": self.search_lag,
             "spec_check": self.spec_check,
@@ -1660,7 +1692,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     common_arguments(parser)
     parser.add_argument(
-        "--rate-limit", type=float, default=None, help="requests per second (default: unlimited)"
+        "--rate-mode",
+        choices=("window", "bucket"),
+        default="bucket",
+        help="window: at most --rate-limit (default 100) in any sliding second, as Stripe's "
+        "live limit; bucket: a token bucket (default)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=None,
+        help="requests per second (default: 100 in window mode, unlimited in bucket mode)",
     )
     parser.add_argument("--burst", type=float, default=None, help="token bucket size")
     parser.add_argument(
@@ -1685,6 +1727,7 @@ def main(argv: list[str] | None = None) -> int:
         verbose=args.verbose,
         rate_limit=args.rate_limit,
         burst=args.burst,
+        rate_mode=args.rate_mode,
         rate_limit_retry_after=args.retry_after,
         latency=args.latency,
         key_lifetime=args.key_lifetime,
