@@ -180,7 +180,7 @@ def test_stripe_sdk_end_to_end(fake: FakeStripe, sdk: stripe.StripeClient) -> No
     assert [i.id for i in listed.data] == [invoice.id]
     keys = [r.idempotency_key for r in fake.requests if r.method == "POST"]
     assert keys[:2] == ["cus-c1", "inv-INV-1"]
-    assert all(r.stripe_version == API_VERSION for r in fake.requests)
+    assert all(r.headers["stripe-version"] == API_VERSION for r in fake.requests)
 
 
 def test_sdk_maps_fake_errors_to_its_exceptions(fake: FakeStripe, sdk: stripe.StripeClient) -> None:
@@ -660,6 +660,41 @@ def test_rate_limit_and_latency(http: requests.Session) -> None:
         assert response.status_code == 429 and "Retry-After" not in response.headers
 
 
+def test_window_rate_mode_admits_100_in_any_second_without_retry_after(
+    http: requests.Session,
+) -> None:
+    now = time.time()
+    with FakeStripe(rate_mode="window", clock=lambda: now) as fake:
+        statuses = [call(http, fake, "GET", "/v1/customers").status_code for _ in range(101)]
+        assert statuses == [200] * 100 + [429]
+        limited = call(http, fake, "GET", "/v1/customers")
+        assert limited.json()["error"]["code"] == "rate_limit"
+        assert "Retry-After" not in limited.headers
+        fake.advance_clock(1.001)
+        assert call(http, fake, "GET", "/v1/customers").status_code == 200
+        stats = fake.rate_limit_stats()
+        assert fake.state()["config"]["rate_limit"] == 100
+    assert stats["windows"] == [
+        {"limit": 100, "seconds": 1.0, "name": "second", "max_in_window": 100}
+    ]
+    assert (stats["received"], stats["admitted"], stats["rejected"]) == (103, 101, 2)
+
+
+def test_keys_expire_after_24_hours_on_the_fakes_clock(
+    fake: FakeStripe, http: requests.Session
+) -> None:
+    first = call(http, fake, "POST", "/v1/customers", {"name": "A"}, key="k")
+    fake.advance_clock(24 * 3600 - 1)
+    replayed = call(http, fake, "POST", "/v1/customers", {"name": "A"}, key="k")
+    assert replayed.headers["Idempotent-Replayed"] == "true"
+    fake.advance_clock(1)
+    assert fake.state()["idempotency_keys"] == 0
+    again = call(http, fake, "POST", "/v1/customers", {"name": "A"}, key="k")
+    assert "Idempotent-Replayed" not in again.headers
+    assert again.json()["id"] != first.json()["id"]
+    assert fake.state()["objects_created"] == {"customer": 2}
+
+
 def test_handles_fifty_concurrent_connections() -> None:
     with FakeStripe(latency=0.05) as fake:
 
@@ -692,6 +727,22 @@ def test_runs_as_a_subprocess() -> None:
         assert created.status_code == 200
         config = requests.get(f"{url}/_fake/state", timeout=5).json()["config"]
         assert (config["rate_limit"], config["latency"]) == (100.0, 0.01)
+    assert process.returncode == 0
+
+
+def test_runs_as_a_subprocess_in_window_rate_mode() -> None:
+    with spawn_fake_stripe("--rate-mode", "window", "--key-lifetime", "60") as (url, process):
+        config = requests.get(f"{url}/_fake/config", timeout=5).json()
+        assert (config["rate_mode"], config["rate_limit"], config["key_lifetime"]) == (
+            "window",
+            100,
+            60,
+        )
+        assert config["rate_limits"]["windows"] == [
+            {"limit": 100, "seconds": 1.0, "name": "second"}
+        ]
+        clock = requests.post(f"{url}/_fake/clock", json={"advance": 60}, timeout=5).json()
+        assert clock["offset"] == 60
     assert process.returncode == 0
 
 

@@ -5,11 +5,21 @@ customers, draft invoices, invoice items, finalize, pay, send, void. Responses a
 Stripe's (checked against the OpenAPI spec in ``tests/test_support_fake_stripe.py``), errors are
 ``{"error": {"type", "message", "param", "code"}}``, and every response has a ``Request-Id``.
 
-Idempotency works as Stripe documents it for v1: the first result for a key (per API key) is kept
-and replayed with ``Idempotent-Replayed: true``; the same key with other parameters or another
-endpoint is a 400 ``idempotency_error``; the same key while the first request is still running is
-a 409 ``idempotency_error``. Results are kept only once the endpoint has started executing:
+The server, faults, rate limits, request record and idempotency store come from
+:mod:`tests.support.fake_provider`; this module holds Stripe's semantics. Idempotency works as
+Stripe documents it for v1: the first result for a key (per API key) is kept and replayed with
+``Idempotent-Replayed: true``; the same key with other parameters or another endpoint is a 400
+``idempotency_error``; the same key while the first request is still running is a 409
+``idempotency_error``. Results are kept only once the endpoint has started executing:
 validation errors (4xx) and 429s are not kept, 2xx, 402 (card errors) and 5xx are.
+
+Rate limits: ``rate_mode="window"`` admits at most ``rate_limit`` (default 100) requests in any
+one-second interval, as Stripe documents its live limit, and answers the rest with a 429 and no
+``Retry-After``; ``rate_mode="bucket"`` (the default) is a token bucket of ``rate_limit``
+requests per second and ``burst`` deep, with no limit when ``rate_limit`` is unset.
+
+Keys are kept 24 hours on the fake's clock; ``fake.advance_clock(86400)`` (or ``POST
+/_fake/clock {"advance": 86400}``) expires them without waiting.
 
 Faults can be queued for the next N requests matching a method and path (prefix, or a glob with
 ``*``): an error status (503, 429 with ``Retry-After``, 500 with ``Stripe-Should-Retry: false``,
@@ -26,16 +36,15 @@ Use it in-process::
 
 or as a process (tests wait for the ready file, then stop it by its pid)::
 
-    python -m tests.support.fake_stripe --port 0 --rate-limit 100 --latency 0.05 \\
+    python -m tests.support.fake_stripe --port 0 --rate-mode window --latency 0.05 \\
         --ready-file /tmp/fake.url
 
-Control endpoints (no auth) live under ``/_fake/``: ``GET state``, ``POST reset``,
-``GET|POST|DELETE faults``, ``POST config``, ``GET health``.
+Control endpoints (no auth) live under ``/_fake/``: see :mod:`tests.support.fake_provider`.
 
 Not modelled: Stripe's other endpoints and parameters (a parameter the spec allows but this fake
 does not model is rejected with a message saying so), taxes, discounts, webhooks, automatic
 collection (an ``auto_advance`` invoice stays ``open`` until ``/pay``), payment failures other
-than injected ones, three-decimal-currency rules, and key expiry after 24 h.
+than injected ones, and three-decimal-currency rules.
 """
 
 from __future__ import annotations
@@ -44,31 +53,40 @@ import argparse
 import base64
 import binascii
 import contextlib
-import dataclasses
-import fnmatch
-import http.server
 import json
-import os
 import random
 import re
-import signal
-import socket
 import string
-import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, ClassVar, Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal, Self
 
+from .fake_provider import (
+    Bucket,
+    FakeProvider,
+    FakeProviderApp,
+    FakeResponse,
+    Fingerprint,
+    IdempotencyEntry,
+    ProviderError,
+    ProviderRequest,
+    RateLimits,
+    RecordedRequest,
+    Rejection,
+    Route,
+    Window,
+    common_arguments,
+    serve_until_stopped,
+    spawn_fake,
+)
+from .fake_provider import Fault as ProviderFault
 from .stripe_spec import (
     FormDecodeError,
     Problem,
@@ -84,6 +102,7 @@ __all__ = [
     "FakeStripe",
     "FakeStripeApp",
     "Fault",
+    "RecordedRequest",
     "StripeAPIError",
     "main",
     "spawn_fake_stripe",
@@ -94,17 +113,19 @@ MAX_INVOICE_ITEMS = 250
 MAX_AMOUNT = 99_999_999
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 MAX_METADATA_KEYS = 50
+# NOTE: Stripe's live-mode limit is 100 operations per second (25 in test mode), and its 429 has
+# no Retry-After (stripe.com/docs/rate-limits).
+LIVE_RATE_LIMIT = 100
+# NOTE: Stripe keeps an idempotency key for at least 24 hours
+# (stripe.com/docs/api/idempotent_requests).
+KEY_LIFETIME = 24 * 3600.0
+RateMode = Literal["window", "bucket"]
 _ALPHANUM = string.ascii_letters + string.digits
 
 JSON = dict[str, Any]
 
 
-# ============================================================================================
-# Errors and responses
-# ============================================================================================
-
-
-class StripeAPIError(Exception):
+class StripeAPIError(ProviderError):
     """An error the fake answers with, in Stripe's ``{"error": {...}}`` shape."""
 
     def __init__(
@@ -118,14 +139,10 @@ class StripeAPIError(Exception):
         decline_code: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(status, message, code=code, headers=headers)
         self.type = type
-        self.code = code
         self.param = param
         self.decline_code = decline_code
-        self.headers = dict(headers or {})
 
     def body(self) -> JSON:
         """The JSON body Stripe would send."""
@@ -144,88 +161,30 @@ class StripeAPIError(Exception):
         return FakeResponse(self.status, self.body(), dict(self.headers))
 
 
-@dataclass
-class FakeResponse:
-    """What the HTTP layer sends: a status and a JSON body, or nothing (``drop``)."""
-
-    status: int
-    body: JSON | None
-    headers: dict[str, str] = field(default_factory=dict)
-    drop: bool = False
-    """Close the connection with a TCP reset instead of answering."""
-
-    @classmethod
-    def dropped(cls) -> FakeResponse:
-        """A "connection reset" outcome."""
-        return cls(0, None, drop=True)
-
-    def copy(self) -> FakeResponse:
-        """A deep copy (stored idempotent results must not change afterwards)."""
-        body = None if self.body is None else json.loads(json.dumps(self.body))
-        return FakeResponse(self.status, body, dict(self.headers), self.drop)
+RATE_LIMIT_MESSAGE = (
+    "Request rate limit exceeded. Learn more about rate limits here "
+    "https://stripe.com/docs/rate-limits."
+)
 
 
-def _storable(response: FakeResponse) -> bool:
-    """Whether Stripe keeps this result under the idempotency key.
-
-    Kept: successes, card errors (402, raised after the endpoint started) and server errors.
-    Not kept: validation errors and other 4xx, and 429 (the client may fix and retry).
-    """
-    return not response.drop and (
-        response.status < 400 or response.status in (402,) or response.status >= 500
-    )
-
-
-# ============================================================================================
-# Faults
-# ============================================================================================
-
-FaultKind = Literal["error", "drop", "delay"]
+def _format_seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 @dataclass
-class Fault:
-    """A fault applied to the next ``times`` requests whose method and path match.
-
-    ``path`` is a prefix (``/v1/invoices`` also matches ``/v1/invoices/in_1/pay``), or an
-    ``fnmatch`` glob if it contains ``*`` (``/v1/invoices/*/pay``). ``method`` ``*`` matches all.
-
-    ``after=False`` fails the request before the operation runs; ``after=True`` runs the
-    operation (and stores its result under the idempotency key) and then fails the response,
-    which is how a lost response looks to the client.
+class Fault(ProviderFault):
+    """A :class:`~tests.support.fake_provider.Fault` with Stripe's error fields and presets.
 
     ``store`` decides whether an ``error`` fault's own response is kept under the idempotency key
     (default: yes for 500 and 402, which Stripe produces after the endpoint started; no for
     503/502/504/429/400, which model a proxy or a throttle in front of it).
     """
 
-    kind: FaultKind = "error"
-    method: str = "*"
     path: str = "/v1/"
-    times: int = 1
-    after: bool = False
-    status: int = 503
-    error_type: str = "api_error"
     message: str = "The server is temporarily unavailable (injected by the kiki fake)."
-    code: str | None = None
+    error_type: str = "api_error"
     param: str | None = None
     decline_code: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    store: bool | None = None
-    seconds: float = 0.0
-    """For ``delay``: how long to hold the request (the idempotency key stays in flight)."""
-    id: int = 0
-    hits: int = 0
-
-    PRESETS: ClassVar[tuple[str, ...]] = ("503", "429", "500", "card_error", "400", "drop", "delay")
-
-    def matches(self, method: str, path: str) -> bool:
-        """Whether this fault applies to a request."""
-        if self.method != "*" and self.method.upper() != method.upper():
-            return False
-        if "*" in self.path:
-            return fnmatch.fnmatchcase(path, self.path)
-        return path.startswith(self.path)
 
     def stored(self) -> bool:
         """Whether an ``error`` fault's response is kept under the idempotency key."""
@@ -233,73 +192,36 @@ class Fault:
             return self.store
         return self.kind == "error" and self.status in (500, 402)
 
-    def response(self) -> FakeResponse:
-        """The response an ``error`` fault sends."""
-        return StripeAPIError(
-            self.status,
-            self.message,
-            type=self.error_type,
-            code=self.code,
-            param=self.param,
-            decline_code=self.decline_code,
-            headers=self.headers,
-        ).response()
-
-    def to_json(self) -> JSON:
-        """A JSON-friendly description."""
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Fault:
-        """Build a fault from ``/_fake/faults`` JSON.
+    def presets(cls) -> dict[str, Callable[..., Self]]:
+        """The base presets plus ``503``, ``429``, ``500``, ``card_error`` and ``400``.
 
-        Either the field names, or ``preset`` (``503``, ``429``, ``500``, ``card_error``,
-        ``400``, ``drop``, ``delay``) plus that preset's arguments (``retry_after``,
-        ``should_retry``, ``seconds``, ...), e.g. ``{"preset": "429", "retry_after": 2}``.
+        E.g. ``{"preset": "429", "retry_after": 2}`` or ``{"preset": "500", "should_retry":
+        true}``.
         """
-        data = dict(data)
-        preset = data.pop("preset", None)
-        names = {f.name for f in dataclasses.fields(cls)} - {"id", "hits"}
-        if preset is not None:
-            names |= {"retry_after", "should_retry"}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown fault fields: {sorted(unknown)}")
-        if preset is None:
-            return cls(**data)
-        builders: dict[str, Callable[..., Fault]] = {
+        return {
+            **super().presets(),
             "503": cls.service_unavailable,
             "429": cls.rate_limited,
             "500": cls.server_error,
             "card_error": cls.card_error,
             "400": cls.invalid_request,
-            "drop": cls.connection_drop,
-            "delay": cls.delay,
         }
-        if str(preset) not in builders:
-            raise ValueError(f"unknown preset {preset!r}; one of {list(builders)}")
-        return builders[str(preset)](**data)
-
-    # -- presets -------------------------------------------------------------------------
 
     @classmethod
-    def service_unavailable(cls, method: str = "*", path: str = "/v1/", **kw: Any) -> Fault:
+    def service_unavailable(cls, method: str = "*", path: str = "/v1/", **kw: Any) -> Self:
         """503 ``api_error`` (not stored; with ``after=True`` the operation did happen)."""
         return cls("error", method, path, status=503, **kw)
 
     @classmethod
     def rate_limited(
         cls, method: str = "*", path: str = "/v1/", *, retry_after: float | None = 1, **kw: Any
-    ) -> Fault:
+    ) -> Self:
         """429 ``rate_limit`` with a ``Retry-After`` header (None: no header, as Stripe)."""
         headers = dict(kw.pop("headers", {}))
         if retry_after is not None:
             headers["Retry-After"] = _format_seconds(retry_after)
-        kw.setdefault(
-            "message",
-            "Request rate limit exceeded. Learn more about rate limits "
-            "here https://stripe.com/docs/rate-limits.",
-        )
+        kw.setdefault("message", RATE_LIMIT_MESSAGE)
         return cls(
             "error",
             method,
@@ -319,7 +241,7 @@ class Fault:
         *,
         should_retry: bool | None = False,
         **kw: Any,
-    ) -> Fault:
+    ) -> Self:
         """500 ``api_error`` with ``Stripe-Should-Retry`` (stored under the key, as Stripe)."""
         headers = dict(kw.pop("headers", {}))
         if should_retry is not None:
@@ -336,7 +258,7 @@ class Fault:
         code: str = "card_declined",
         decline_code: str | None = "generic_decline",
         **kw: Any,
-    ) -> Fault:
+    ) -> Self:
         """402 ``card_error`` (stored under the key)."""
         kw.setdefault("message", "Your card was declined.")
         return cls(
@@ -353,89 +275,10 @@ class Fault:
     @classmethod
     def invalid_request(
         cls, method: str = "*", path: str = "/v1/", *, status: int = 400, **kw: Any
-    ) -> Fault:
+    ) -> Self:
         """400 (or another 4xx) ``invalid_request_error`` (not stored)."""
         kw.setdefault("message", "Invalid request (injected by the kiki fake).")
         return cls("error", method, path, status=status, error_type="invalid_request_error", **kw)
-
-    @classmethod
-    def connection_drop(cls, method: str = "*", path: str = "/v1/", **kw: Any) -> Fault:
-        """Reset the connection without a response (``after=True``: once the work is done)."""
-        return cls("drop", method, path, **kw)
-
-    @classmethod
-    def delay(
-        cls, method: str = "*", path: str = "/v1/", *, seconds: float = 1.0, **kw: Any
-    ) -> Fault:
-        """Hold the request ``seconds`` (``after=True``: after the work, before responding)."""
-        return cls("delay", method, path, seconds=seconds, **kw)
-
-
-def _format_seconds(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-class TokenBucket:
-    """A thread-safe token bucket: ``rate`` requests per second, bursts up to ``burst``."""
-
-    def __init__(
-        self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = float(rate)
-        self.capacity = float(burst if burst is not None else max(1.0, rate))
-        self._tokens = self.capacity
-        self._clock = clock
-        self._last = clock()
-        self._lock = threading.Lock()
-
-    def allow(self) -> bool:
-        """Take a token if one is available."""
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
-                return True
-            return False
-
-
-# ============================================================================================
-# Requests, parameters and records
-# ============================================================================================
-
-
-@dataclass
-class ApiRequest:
-    """A parsed ``/v1`` request as the endpoint handlers see it."""
-
-    method: str
-    path: str
-    path_params: dict[str, str]
-    params: JSON
-    api_key: str
-    idempotency_key: str | None
-    stripe_version: str
-
-
-@dataclass
-class RecordedRequest:
-    """One request the fake received (``/_fake`` control requests are not recorded)."""
-
-    method: str
-    path: str
-    query: str
-    idempotency_key: str | None
-    request_id: str
-    route: str | None
-    stripe_version: str | None
-    time: float
-    status: int | None = None
-    """None while running; 0 when the connection was dropped."""
-    replayed: bool = False
-    fault: str | None = None
 
 
 class Params:
@@ -619,30 +462,16 @@ def _problem_error(problem: Problem) -> StripeAPIError:
     )
 
 
-# ============================================================================================
-# State
-# ============================================================================================
-
-
-@dataclass
-class _IdempotencyEntry:
-    fingerprint: tuple[str, str, str]
-    """(method, path, canonical JSON of the parameters)."""
-    request_id: str
-    response: FakeResponse | None = None
-    """None while the first request is in flight."""
-
-
 class FakeStripeState:
-    """Everything the fake remembers. Callers hold :attr:`lock` around any access."""
+    """Stripe's objects. Callers hold :attr:`lock` (the app's) around any access."""
 
-    def __init__(self, seed: int | None = None) -> None:
-        self.lock = threading.RLock()
+    def __init__(self, lock: threading.RLock, seed: int | None = None) -> None:
+        self.lock = lock
         self._seed = seed
         self.reset()
 
     def reset(self) -> None:
-        """Forget every object, key, recorded request and fault."""
+        """Forget every object."""
         with self.lock:
             self.rng = random.Random(self._seed)
             self.customers: dict[str, JSON] = {}
@@ -658,10 +487,6 @@ class FakeStripeState:
             """Invoice id -> number of ``/send`` calls."""
             self.days_until_due: dict[str, int] = {}
             """Invoice id -> ``days_until_due`` (not a field of Stripe's invoice object)."""
-            self.idempotency: dict[tuple[str, str], _IdempotencyEntry] = {}
-            self.requests: list[RecordedRequest] = []
-            self.faults: list[Fault] = []
-            self._fault_ids = 0
             self._counter = 0
 
     def new_id(self, prefix: str, length: int = 24) -> str:
@@ -676,484 +501,6 @@ class FakeStripeState:
         self._counter += 1
         self.sequence[object_id] = self._counter
         self.created_at[object_id] = now
-
-    def add_fault(self, fault: Fault) -> Fault:
-        """Queue a fault (faults are matched in the order they were added)."""
-        if fault.kind not in ("error", "drop", "delay"):
-            raise ValueError(f"unknown fault kind {fault.kind!r}")
-        if fault.times < 1:
-            raise ValueError("times must be >= 1")
-        self._fault_ids += 1
-        fault.id = self._fault_ids
-        self.faults.append(fault)
-        return fault
-
-    def take_fault(self, method: str, path: str) -> Fault | None:
-        """Consume one use of the first fault that matches, if any."""
-        for fault in self.faults:
-            if fault.matches(method, path):
-                fault.hits += 1
-                fault.times -= 1
-                if fault.times <= 0:
-                    self.faults.remove(fault)
-                return fault
-        return None
-
-
-# ============================================================================================
-# Routing
-# ============================================================================================
-
-Handler = Callable[["FakeStripeApp", ApiRequest], JSON]
-
-
-@dataclass(frozen=True)
-class Route:
-    """``method`` + path ``template`` (``/v1/invoices/{invoice}/pay``) -> handler."""
-
-    method: str
-    template: str
-    handler: Handler
-
-    @property
-    def pattern(self) -> re.Pattern[str]:
-        """The compiled template."""
-        return _compile_template(self.template)
-
-
-_TEMPLATE_CACHE: dict[str, re.Pattern[str]] = {}
-
-
-def _compile_template(template: str) -> re.Pattern[str]:
-    pattern = _TEMPLATE_CACHE.get(template)
-    if pattern is None:
-        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
-        pattern = _TEMPLATE_CACHE[template] = re.compile(regex)
-    return pattern
-
-
-class Router:
-    """A table of routes; literal segments win over ``{placeholders}``."""
-
-    def __init__(self, routes: list[Route]) -> None:
-        self.routes = sorted(routes, key=lambda r: r.template.count("{"))
-
-    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
-        """The route and its path parameters, or None."""
-        for route in self.routes:
-            if route.method != method:
-                continue
-            found = route.pattern.fullmatch(path)
-            if found is not None:
-                return route, found.groupdict()
-        return None
-
-
-# ============================================================================================
-# The application (HTTP-independent)
-# ============================================================================================
-
-
-class FakeStripeApp:
-    """Request handling, idempotency, faults and the Stripe endpoints, without any HTTP.
-
-    Args:
-        rate_limit: requests per second over all ``/v1`` traffic (None: unlimited).
-        burst: token-bucket size (default: ``rate_limit``).
-        rate_limit_retry_after: send ``Retry-After`` with rate-limit 429s (Stripe does not).
-        latency: seconds added to every ``/v1`` request (outside the state lock).
-        search_lag: objects younger than this are invisible to ``/search`` (Stripe's search is
-            not read-after-write).
-        spec_check: reject requests that Stripe's OpenAPI spec rejects, with Stripe's messages.
-        seed: make ids deterministic.
-        clock: wall-clock source for ``created`` and the other timestamps.
-    """
-
-    def __init__(
-        self,
-        *,
-        rate_limit: float | None = None,
-        burst: float | None = None,
-        rate_limit_retry_after: float | None = None,
-        latency: float = 0.0,
-        search_lag: float = 0.0,
-        spec_check: bool = True,
-        seed: int | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.state = FakeStripeState(seed)
-        self.clock = clock
-        self.latency = latency
-        self.search_lag = search_lag
-        self.spec_check = spec_check
-        self.rate_limit_retry_after = rate_limit_retry_after
-        self.bucket: TokenBucket | None = None
-        self.configure(rate_limit=rate_limit, burst=burst)
-        self.router = Router(ROUTES)
-        self.base_url = "http://127.0.0.1"
-
-    # -- configuration -----------------------------------------------------------------------
-
-    def configure(self, **settings: Any) -> None:
-        """Change ``rate_limit``/``burst``/``rate_limit_retry_after``/``latency``/
-        ``search_lag``/``spec_check`` at run time.
-        """
-        known = {
-            "rate_limit",
-            "burst",
-            "rate_limit_retry_after",
-            "latency",
-            "search_lag",
-            "spec_check",
-        }
-        unknown = set(settings) - known
-        if unknown:
-            raise ValueError(f"unknown settings {sorted(unknown)}")
-        if "rate_limit" in settings or "burst" in settings:
-            rate = settings.get("rate_limit", self.bucket.rate if self.bucket else None)
-            burst = settings.get("burst")
-            self.bucket = TokenBucket(rate, burst) if rate else None
-        for name in ("rate_limit_retry_after", "latency", "search_lag", "spec_check"):
-            if name in settings:
-                setattr(self, name, settings[name])
-
-    def config(self) -> JSON:
-        """The current settings."""
-        return {
-            "rate_limit": self.bucket.rate if self.bucket else None,
-            "burst": self.bucket.capacity if self.bucket else None,
-            "rate_limit_retry_after": self.rate_limit_retry_after,
-            "latency": self.latency,
-            "search_lag": self.search_lag,
-            "spec_check": self.spec_check,
-        }
-
-    # -- entry point ---------------------------------------------------------------------
-
-    def handle(
-        self, method: str, target: str, headers: Mapping[str, str], body: bytes
-    ) -> FakeResponse:
-        """Answer one HTTP request (``headers`` keys are matched case-insensitively)."""
-        method = method.upper()
-        lowered = {k.lower(): v for k, v in headers.items()}
-        parts = urlsplit(target)
-        request_id = "req_" + "".join(random.choices(_ALPHANUM, k=14))
-        if parts.path.startswith("/_fake/"):
-            response = self._control(method, parts.path, body)
-        else:
-            if self.latency > 0:
-                time.sleep(self.latency)
-            response = self._api(method, parts.path, parts.query, lowered, body, request_id)
-        response.headers.setdefault("Request-Id", request_id)
-        if not parts.path.startswith("/_fake/"):
-            response.headers.setdefault(
-                "Stripe-Version", lowered.get("stripe-version") or API_VERSION
-            )
-            if method == "POST" and "idempotency-key" in lowered:
-                response.headers.setdefault("Idempotency-Key", lowered["idempotency-key"])
-        return response
-
-    def _api(
-        self,
-        method: str,
-        path: str,
-        query: str,
-        headers: Mapping[str, str],
-        body: bytes,
-        request_id: str,
-    ) -> FakeResponse:
-        """The ``/v1`` pipeline: record, auth, route, rate limit, parse, faults, idempotency."""
-        key = headers.get("idempotency-key") if method == "POST" else None
-        matched = self.router.match(method, path)
-        record = RecordedRequest(
-            method,
-            path,
-            query,
-            key,
-            request_id,
-            matched[0].template if matched else None,
-            headers.get("stripe-version"),
-            self.clock(),
-        )
-        with self.state.lock:
-            self.state.requests.append(record)
-        try:
-            response = self._api_inner(method, path, query, headers, body, key, matched, record)
-        except StripeAPIError as exc:
-            response = exc.response()
-        record.status = 0 if response.drop else response.status
-        return response
-
-    def _api_inner(
-        self,
-        method: str,
-        path: str,
-        query: str,
-        headers: Mapping[str, str],
-        body: bytes,
-        key: str | None,
-        matched: tuple[Route, dict[str, str]] | None,
-        record: RecordedRequest,
-    ) -> FakeResponse:
-        api_key = _authenticate(headers)
-        if matched is None:
-            raise StripeAPIError(
-                404,
-                f"Unrecognized request URL ({method}: {path}). Please see "
-                "https://stripe.com/docs or we can help at https://support.stripe.com/.",
-            )
-        route, path_params = matched
-        if self.bucket is not None and not self.bucket.allow():
-            raise StripeAPIError(
-                429,
-                "Request rate limit exceeded. Learn more about rate limits here "
-                "https://stripe.com/docs/rate-limits.",
-                code="rate_limit",
-                headers=(
-                    {"Retry-After": _format_seconds(self.rate_limit_retry_after)}
-                    if self.rate_limit_retry_after is not None
-                    else None
-                ),
-            )
-        if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
-            raise StripeAPIError(
-                400,
-                "Invalid Idempotency-Key: it must be 1 to "
-                f"{MAX_IDEMPOTENCY_KEY_LENGTH} characters long.",
-            )
-        params = self._parse(method, path, query, body)
-        request = ApiRequest(
-            method,
-            path,
-            path_params,
-            params,
-            api_key,
-            key,
-            headers.get("stripe-version") or API_VERSION,
-        )
-
-        with self.state.lock:
-            fault = self.state.take_fault(method, path)
-        if fault is not None:
-            label = str(fault.status) if fault.kind == "error" else fault.kind
-            record.fault = label + (":after" if fault.after else "")
-            if not fault.after and fault.kind == "drop":
-                return FakeResponse.dropped()
-            if not fault.after and fault.kind == "error" and not fault.stored():
-                return fault.response()
-
-        scope = (api_key, key) if key is not None else None
-        if scope is not None:
-            fingerprint = (method, path, json.dumps(params, sort_keys=True))
-            replay = self._idempotency_begin(scope, fingerprint, record)
-            if replay is not None:
-                if fault is not None and fault.after and fault.kind == "drop":
-                    return FakeResponse.dropped()
-                if fault is not None and fault.after and fault.kind == "error":
-                    return fault.response()
-                return replay
-        stored: FakeResponse | None = None
-        try:
-            if fault is not None and fault.kind == "delay" and not fault.after:
-                time.sleep(fault.seconds)
-            if fault is not None and fault.kind == "error" and not fault.after:
-                result = fault.response()  # a stored fault: the endpoint "started" and failed
-            else:
-                result = self._execute(route, request)
-            sent = result
-            if fault is not None and fault.after:
-                if fault.kind == "drop":
-                    sent = FakeResponse.dropped()
-                elif fault.kind == "error":
-                    sent = fault.response()
-                    if fault.stored():
-                        result = sent
-            stored = result if _storable(result) else None
-        finally:
-            if scope is not None:
-                self._idempotency_finish(scope, stored)
-        if fault is not None and fault.kind == "delay" and fault.after:
-            time.sleep(fault.seconds)
-        return sent
-
-    def _parse(self, method: str, path: str, query: str, body: bytes) -> JSON:
-        """Decode (and optionally spec-check) the query and the form body."""
-        try:
-            params = decode_form(query)
-            if method == "POST":
-                for name, value in decode_form(body).items():
-                    params[name] = value
-        except FormDecodeError as exc:
-            raise StripeAPIError(400, f"Invalid request: {exc}") from None
-        if self.spec_check:
-            url = f"{path}?{query}" if query else path
-            try:
-                _, problems = request_problems(method, url, body if method == "POST" else None)
-            except SpecViolation as exc:
-                raise StripeAPIError(400, f"Invalid request: {exc}") from None
-            if problems:
-                raise _problem_error(problems[0])
-        return params
-
-    def _execute(self, route: Route, request: ApiRequest) -> FakeResponse:
-        """Run the endpoint under the state lock; unexpected exceptions become a 500."""
-        try:
-            with self.state.lock:
-                body = route.handler(self, request)
-            return FakeResponse(200, body)
-        except StripeAPIError as exc:
-            return exc.response()
-        except Exception:
-            traceback.print_exc(file=sys.stderr)
-            return StripeAPIError(
-                500,
-                "An unknown error occurred in the kiki fake (see its stderr).",
-                type="api_error",
-            ).response()
-
-    # -- idempotency ---------------------------------------------------------------------
-
-    def _idempotency_begin(
-        self, scope: tuple[str, str], fingerprint: tuple[str, str, str], record: RecordedRequest
-    ) -> FakeResponse | None:
-        """Replay a stored result, refuse a mismatch or a concurrent use, or take the key."""
-        with self.state.lock:
-            entry = self.state.idempotency.get(scope)
-            if entry is None:
-                self.state.idempotency[scope] = _IdempotencyEntry(fingerprint, record.request_id)
-                return None
-            if entry.response is None:
-                raise StripeAPIError(
-                    409,
-                    "There is currently another in-progress request using this "
-                    f"Idempotency-Key (that probably means you submitted twice, and the "
-                    f"other request is still going through): {scope[1]}. Please try again "
-                    "later.",
-                    type="idempotency_error",
-                    code="idempotency_key_in_use",
-                )
-            if entry.fingerprint[:2] != fingerprint[:2]:
-                raise StripeAPIError(
-                    400,
-                    "Keys for idempotent requests can only be used for the same endpoint "
-                    f"they were first used for ('{fingerprint[1]}' vs "
-                    f"'{entry.fingerprint[1]}'). Try using a key other than '{scope[1]}' "
-                    "if you meant to execute a different request.",
-                    type="idempotency_error",
-                )
-            if entry.fingerprint != fingerprint:
-                raise StripeAPIError(
-                    400,
-                    "Keys for idempotent requests can only be used with the same "
-                    "parameters they were first used with. Try using a key other than "
-                    f"'{scope[1]}' if you meant to execute a different request.",
-                    type="idempotency_error",
-                )
-            replay = entry.response.copy()
-            replay.headers["Idempotent-Replayed"] = "true"
-            replay.headers["Original-Request"] = entry.request_id
-            record.replayed = True
-            return replay
-
-    def _idempotency_finish(self, scope: tuple[str, str], result: FakeResponse | None) -> None:
-        """Store the result under the key, or release the key if it is not to be kept."""
-        with self.state.lock:
-            if result is None:
-                self.state.idempotency.pop(scope, None)
-            else:
-                self.state.idempotency[scope].response = result.copy()
-
-    # -- control endpoints ---------------------------------------------------------------
-
-    def _control(self, method: str, path: str, body: bytes) -> FakeResponse:
-        try:
-            payload: Any = json.loads(body) if body.strip() else {}
-        except ValueError:
-            return FakeResponse(400, {"error": "body must be JSON"})
-        try:
-            if (method, path) == ("GET", "/_fake/state"):
-                return FakeResponse(200, self.snapshot())
-            if (method, path) == ("GET", "/_fake/health"):
-                return FakeResponse(200, {"ok": True, "url": self.base_url})
-            if (method, path) == ("POST", "/_fake/reset"):
-                self.state.reset()
-                return FakeResponse(200, {"ok": True})
-            if path == "/_fake/faults":
-                with self.state.lock:
-                    if method == "POST":
-                        items = payload if isinstance(payload, list) else [payload]
-                        added = [self.state.add_fault(Fault.from_json(i)) for i in items]
-                        return FakeResponse(200, {"faults": [f.to_json() for f in added]})
-                    if method == "DELETE":
-                        self.state.faults.clear()
-                    return FakeResponse(200, {"faults": [f.to_json() for f in self.state.faults]})
-            if (method, path) == ("POST", "/_fake/config"):
-                self.configure(**payload)
-                return FakeResponse(200, self.config())
-        except (TypeError, ValueError) as exc:
-            return FakeResponse(400, {"error": str(exc)})
-        return FakeResponse(404, {"error": f"no control endpoint {method} {path}"})
-
-    def snapshot(self) -> JSON:
-        """Everything, as JSON: objects (invoices with all their lines), requests, counters."""
-        with self.state.lock:
-            st = self.state
-            invoices = []
-            for invoice_id in _newest_first(st, st.invoices):
-                rendered = self.render_invoice(st.invoices[invoice_id], all_lines=True)
-                invoices.append(rendered)
-            return json.loads(
-                json.dumps(
-                    {
-                        "customers": [st.customers[i] for i in _newest_first(st, st.customers)],
-                        "invoices": invoices,
-                        "invoice_items": [
-                            st.invoice_items[i] for i in _newest_first(st, st.invoice_items)
-                        ],
-                        "sent": dict(st.sent),
-                        "requests": [dataclasses.asdict(r) for r in st.requests],
-                        "request_log": [[r.method, r.path, r.idempotency_key] for r in st.requests],
-                        "requests_by_path": dict(
-                            Counter(f"{r.method} {r.path}" for r in st.requests)
-                        ),
-                        "requests_by_route": dict(
-                            Counter(f"{r.method} {r.route or r.path}" for r in st.requests)
-                        ),
-                        "idempotency_keys": len(st.idempotency),
-                        "faults": [f.to_json() for f in st.faults],
-                        "config": self.config(),
-                    }
-                )
-            )
-
-    # -- rendering -----------------------------------------------------------------------
-
-    def render_invoice(
-        self, invoice: JSON, *, expand: tuple[str, ...] = (), all_lines: bool = False
-    ) -> JSON:
-        """An invoice as Stripe returns it: ``lines`` is a list object (first 10 lines)."""
-        out = dict(invoice)
-        lines = self.state.invoice_lines[invoice["id"]]
-        shown = lines if all_lines else lines[:10]
-        out["lines"] = {
-            "object": "list",
-            "data": [dict(line) for line in shown],
-            "has_more": len(shown) < len(lines),
-            "total_count": len(lines),
-            "url": f"/v1/invoices/{invoice['id']}/lines",
-        }
-        if "customer" in expand:
-            out["customer"] = self.state.customers[invoice["customer"]]
-        return out
-
-    def render_item(self, item: JSON, expand: tuple[str, ...] = ()) -> JSON:
-        """An invoice item, optionally with ``customer``/``invoice`` expanded."""
-        out = dict(item)
-        if "customer" in expand:
-            out["customer"] = self.state.customers[item["customer"]]
-        if "invoice" in expand and item["invoice"]:
-            out["invoice"] = self.render_invoice(self.state.invoices[item["invoice"]])
-        return out
 
 
 def _authenticate(headers: Mapping[str, str]) -> str:
@@ -1183,11 +530,6 @@ def _authenticate(headers: Mapping[str, str]) -> str:
             headers={"WWW-Authenticate": 'Bearer realm="Stripe"'},
         )
     return key
-
-
-# ============================================================================================
-# Endpoint handlers
-# ============================================================================================
 
 
 def _newest_first(state: FakeStripeState, objects: Mapping[str, JSON]) -> list[str]:
@@ -1268,7 +610,7 @@ def _currency(value: str | None) -> str | None:
 # -- customers -------------------------------------------------------------------------------
 
 
-def create_customer(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def create_customer(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``POST /v1/customers``."""
     p = Params(req.params, {"name", "email", "description", "metadata", "phone"})
     _check_expand(p.expand(), set())
@@ -1307,17 +649,18 @@ def create_customer(app: FakeStripeApp, req: ApiRequest) -> JSON:
     }
     st.customers[customer_id] = customer
     st.register(customer_id, app.clock())
+    app.count_created("customer")
     return dict(customer)
 
 
-def retrieve_customer(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def retrieve_customer(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``GET /v1/customers/{customer}``."""
     p = Params(req.params, set())
     _check_expand(p.expand(), set())
     return dict(_get_customer(app, req.path_params["customer"], "id", 404))
 
 
-def list_customers(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def list_customers(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``GET /v1/customers`` (``email`` filter, cursor pagination)."""
     p = Params(req.params, {"limit", "starting_after", "ending_before", "email"})
     _check_expand(p.expand(), set())
@@ -1339,7 +682,7 @@ _CLAUSE_RE = re.compile(
 
 def _search(
     app: FakeStripeApp,
-    req: ApiRequest,
+    req: ProviderRequest,
     objects: Mapping[str, JSON],
     url: str,
     render: Callable[[str], JSON],
@@ -1392,7 +735,7 @@ def _search(
     }
 
 
-def search_customers(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def search_customers(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``GET /v1/customers/search?query=metadata['k']:'v'``."""
     st = app.state
     return _search(app, req, st.customers, "/v1/customers/search", lambda i: dict(st.customers[i]))
@@ -1404,7 +747,7 @@ COLLECTION_METHODS = ("charge_automatically", "send_invoice")
 INVOICE_STATUSES = ("draft", "open", "paid", "uncollectible", "void")
 
 
-def create_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def create_invoice(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``POST /v1/invoices``: a draft invoice."""
     p = Params(
         req.params,
@@ -1545,6 +888,7 @@ def create_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
     if days is not None:
         st.days_until_due[invoice_id] = days
     st.register(invoice_id, app.clock())
+    app.count_created("invoice")
     if behavior == "include":
         pending = [
             i
@@ -1558,14 +902,14 @@ def create_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
     return app.render_invoice(invoice, expand=expand)
 
 
-def retrieve_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def retrieve_invoice(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``GET /v1/invoices/{invoice}``."""
     p = Params(req.params, set())
     expand = _check_expand(p.expand(), {"customer"})
     return app.render_invoice(_get_invoice(app, req.path_params["invoice"], "id"), expand=expand)
 
 
-def list_invoices(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def list_invoices(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``GET /v1/invoices`` newest first (``customer``, ``status``, ``collection_method``)."""
     p = Params(
         req.params,
@@ -1595,7 +939,7 @@ def list_invoices(app: FakeStripeApp, req: ApiRequest) -> JSON:
     )
 
 
-def search_invoices(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def search_invoices(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``GET /v1/invoices/search`` (same query forms as customers)."""
     st = app.state
     return _search(
@@ -1603,7 +947,7 @@ def search_invoices(app: FakeStripeApp, req: ApiRequest) -> JSON:
     )
 
 
-def list_invoice_lines(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def list_invoice_lines(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``GET /v1/invoices/{invoice}/lines`` in invoice order."""
     p = Params(req.params, {"limit", "starting_after", "ending_before"})
     _check_expand(p.expand(), set())
@@ -1619,7 +963,7 @@ def list_invoice_lines(app: FakeStripeApp, req: ApiRequest) -> JSON:
     )
 
 
-def delete_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def delete_invoice(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``DELETE /v1/invoices/{invoice}``: drafts only; their invoice items go too."""
     Params(req.params, set())
     st = app.state
@@ -1677,7 +1021,7 @@ def _mark_paid(app: FakeStripeApp, invoice: JSON, *, out_of_band: bool, charge: 
         invoice["charge"] = app.state.new_id("ch_")
 
 
-def finalize_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def finalize_invoice(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``POST /v1/invoices/{invoice}/finalize``: draft -> open (or paid if 0 is due)."""
     p = Params(req.params, {"auto_advance"})
     expand = _check_expand(p.expand(), {"customer"})
@@ -1692,7 +1036,7 @@ def finalize_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
     return app.render_invoice(invoice, expand=expand)
 
 
-def pay_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def pay_invoice(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``POST /v1/invoices/{invoice}/pay``: finalizes a draft first, then marks it paid."""
     p = Params(req.params, {"paid_out_of_band"})
     expand = _check_expand(p.expand(), {"customer"})
@@ -1713,7 +1057,7 @@ def pay_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
     return app.render_invoice(invoice, expand=expand)
 
 
-def send_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def send_invoice(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``POST /v1/invoices/{invoice}/send``: ``send_invoice`` invoices only."""
     p = Params(req.params, set())
     expand = _check_expand(p.expand(), {"customer"})
@@ -1734,7 +1078,7 @@ def send_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
     return app.render_invoice(invoice, expand=expand)
 
 
-def void_invoice(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def void_invoice(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``POST /v1/invoices/{invoice}/void``: open (or uncollectible) invoices only."""
     p = Params(req.params, set())
     expand = _check_expand(p.expand(), {"customer"})
@@ -1794,7 +1138,7 @@ def _attach_item(app: FakeStripeApp, invoice: JSON, item: JSON) -> None:
     )
 
 
-def create_invoice_item(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def create_invoice_item(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``POST /v1/invoiceitems``: onto a draft ``invoice``, or pending for the customer.
 
     ``amount`` is the total in minor units; or ``unit_amount``/``unit_amount_decimal`` times
@@ -1923,12 +1267,13 @@ def create_invoice_item(app: FakeStripeApp, req: ApiRequest) -> JSON:
         customer["currency"] = currency
     st.invoice_items[item_id] = item
     st.register(item_id, app.clock())
+    app.count_created("invoiceitem")
     if invoice is not None:
         _attach_item(app, invoice, item)
     return app.render_item(item, expand)
 
 
-def retrieve_invoice_item(app: FakeStripeApp, req: ApiRequest) -> JSON:
+def retrieve_invoice_item(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     """``GET /v1/invoiceitems/{invoiceitem}``."""
     p = Params(req.params, set())
     expand = _check_expand(p.expand(), {"customer", "invoice"})
@@ -1960,161 +1305,291 @@ ROUTES: list[Route] = [
 """The endpoints the fake implements."""
 
 
-# ============================================================================================
-# HTTP server
-# ============================================================================================
+class FakeStripeApp(FakeProviderApp):
+    """Stripe's routes, objects and rules on the provider-independent base, without any HTTP.
 
+    Args:
+        rate_limit: requests per second over all ``/v1`` traffic (None: unlimited in bucket
+            mode, 100 in window mode).
+        burst: token-bucket size (default: ``rate_limit``).
+        rate_mode: ``window`` (at most ``rate_limit`` in any sliding second, as Stripe's live
+            limit) or ``bucket`` (a token bucket).
+        rate_limit_retry_after: send ``Retry-After`` with rate-limit 429s (Stripe does not).
+        latency: seconds added to every ``/v1`` request (outside any lock).
+        search_lag: objects younger than this are invisible to ``/search`` (Stripe's search is
+            not read-after-write).
+        spec_check: reject requests that Stripe's OpenAPI spec rejects, with Stripe's messages.
+        seed: make ids deterministic.
+        key_lifetime: seconds an idempotency key is kept on the fake's clock (default: 24 h).
+        clock: wall-clock source for ``created`` and the other timestamps.
+    """
 
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 256
-    allow_reuse_address = True
+    name = "stripe"
+    routes = ROUTES
+    # NOTE: Stripe reads Idempotency-Key on POST only; on GET and DELETE it is ignored.
+    key_methods = frozenset({"POST"})
+    default_key_lifetime = KEY_LIFETIME
+    fault_type = Fault
+    provider_settings = (
+        "rate_limit",
+        "burst",
+        "rate_mode",
+        "rate_limit_retry_after",
+        "search_lag",
+        "spec_check",
+    )
 
-    def __init__(self, address: tuple[str, int], app: FakeStripeApp, verbose: bool) -> None:
-        self.app = app
-        self.verbose = verbose
-        super().__init__(address, _RequestHandler)
+    def __init__(
+        self,
+        *,
+        rate_limit: float | None = None,
+        burst: float | None = None,
+        rate_mode: RateMode = "bucket",
+        rate_limit_retry_after: float | None = None,
+        latency: float = 0.0,
+        search_lag: float = 0.0,
+        spec_check: bool = True,
+        seed: int | None = None,
+        key_lifetime: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(latency=latency, key_lifetime=key_lifetime, clock=clock)
+        self.state = FakeStripeState(self.lock, seed)
+        self.search_lag = search_lag
+        self.spec_check = spec_check
+        self.rate_limit_retry_after = rate_limit_retry_after
+        self.rate_limit = rate_limit
+        self.burst = burst
+        self.rate_mode = rate_mode
+        self.limiter.set_limits(self._rate_limits())
 
+    def _rate_limits(self) -> RateLimits:
+        if self.rate_mode == "window":
+            limit = LIVE_RATE_LIMIT if self.rate_limit is None else self.rate_limit
+            if limit < 1 or not float(limit).is_integer():
+                raise ValueError(f"window mode needs whole requests per second, not {limit}")
+            return RateLimits(windows=(Window(int(limit), 1.0, "second"),))
+        if self.rate_mode != "bucket":
+            raise ValueError(f"rate_mode is window or bucket, not {self.rate_mode!r}")
+        if not self.rate_limit:
+            return RateLimits()
+        return RateLimits(bucket=Bucket(self.rate_limit, self.burst))
 
-class _RequestHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    """Headers and body go out in separate writes; with Nagle on, delayed ACKs add ~40 ms."""
-    server: _HTTPServer
+    def configure_provider(self, settings: Mapping[str, Any]) -> None:
+        """Change ``rate_limit``/``burst``/``rate_mode``/``rate_limit_retry_after``/
+        ``search_lag``/``spec_check``.
+        """
+        for name in ("rate_limit_retry_after", "search_lag", "spec_check"):
+            if name in settings:
+                setattr(self, name, settings[name])
+        if {"rate_limit", "burst", "rate_mode"} & set(settings):
+            self.rate_limit = settings.get("rate_limit", self.rate_limit)
+            self.burst = settings.get("burst", self.burst)
+            self.rate_mode = settings.get("rate_mode", self.rate_mode)
+            self.limiter.set_limits(self._rate_limits())
 
-    def do_GET(self) -> None:
-        self._handle()
+    def provider_config(self) -> JSON:
+        """Stripe's settings."""
+        limits = self.limiter.limits
+        return {
+            "rate_mode": self.rate_mode,
+            "rate_limit": limits.windows[0].limit if limits.windows else self.rate_limit,
+            "burst": limits.bucket.capacity if limits.bucket else None,
+            "rate_limit_retry_after": self.rate_limit_retry_after,
+            "search_lag": self.search_lag,
+            "spec_check": self.spec_check,
+        }
 
-    do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_GET
+    def authenticate(self, request: ProviderRequest) -> str:
+        """The API key (idempotency keys are scoped to it)."""
+        return _authenticate(request.headers)
 
-    def _handle(self) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0 or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self._send(
-                FakeResponse(
-                    400,
-                    {
-                        "error": {
-                            "type": "invalid_request_error",
-                            "message": "Send a Content-Length.",
-                        }
-                    },
-                )
+    def parse(self, request: ProviderRequest) -> JSON:
+        """Check the key's length, decode (and optionally spec-check) query and form body."""
+        key = request.idempotency_key
+        if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+            raise StripeAPIError(
+                400,
+                "Invalid Idempotency-Key: it must be 1 to "
+                f"{MAX_IDEMPOTENCY_KEY_LENGTH} characters long.",
             )
-            self.close_connection = True
-            return
-        body = self.rfile.read(length) if length else b""
-        response = self.server.app.handle(self.command, self.path, dict(self.headers.items()), body)
-        if response.drop:
-            self._reset_connection()
+        method, path, query = request.method, request.path, request.query
+        body = request.body
+        try:
+            params = decode_form(query)
+            if method == "POST":
+                for name, value in decode_form(body).items():
+                    params[name] = value
+        except FormDecodeError as exc:
+            raise StripeAPIError(400, f"Invalid request: {exc}") from None
+        if self.spec_check:
+            url = f"{path}?{query}" if query else path
+            try:
+                _, problems = request_problems(method, url, body if method == "POST" else None)
+            except SpecViolation as exc:
+                raise StripeAPIError(400, f"Invalid request: {exc}") from None
+            if problems:
+                raise _problem_error(problems[0])
+        return params
+
+    def fingerprint(self, request: ProviderRequest) -> Fingerprint:
+        """Method, path and the decoded parameters (their order does not matter)."""
+        return (request.method, request.path, json.dumps(request.params, sort_keys=True))
+
+    def stores(self, response: FakeResponse) -> bool:
+        """Whether Stripe keeps this result under the idempotency key.
+
+        Kept: successes, card errors (402, raised after the endpoint started) and server errors.
+        Not kept: validation errors and other 4xx, and 429 (the client may fix and retry).
+        """
+        return not response.drop and (
+            response.status < 400 or response.status in (402,) or response.status >= 500
+        )
+
+    def mark_replay(self, response: FakeResponse, entry: IdempotencyEntry) -> FakeResponse:
+        """``Idempotent-Replayed: true`` and the first request's id."""
+        response.headers["Idempotent-Replayed"] = "true"
+        response.headers["Original-Request"] = entry.request_id
+        return response
+
+    def idempotency_in_progress(
+        self, request: ProviderRequest, entry: IdempotencyEntry
+    ) -> FakeResponse:
+        """409 ``idempotency_key_in_use``."""
+        return StripeAPIError(
+            409,
+            "There is currently another in-progress request using this Idempotency-Key (that "
+            "probably means you submitted twice, and the other request is still going "
+            f"through): {request.idempotency_key}. Please try again later.",
+            type="idempotency_error",
+            code="idempotency_key_in_use",
+        ).response()
+
+    def idempotency_mismatch(
+        self, request: ProviderRequest, entry: IdempotencyEntry
+    ) -> FakeResponse:
+        """400 ``idempotency_error``: another endpoint, or other parameters."""
+        key = request.idempotency_key
+        if entry.fingerprint[:2] != (request.method, request.path):
+            message = (
+                "Keys for idempotent requests can only be used for the same endpoint they were "
+                f"first used for ('{request.path}' vs '{entry.fingerprint[1]}'). Try using a "
+                f"key other than '{key}' if you meant to execute a different request."
+            )
         else:
-            self._send(response)
+            message = (
+                "Keys for idempotent requests can only be used with the same parameters they "
+                f"were first used with. Try using a key other than '{key}' if you meant to "
+                "execute a different request."
+            )
+        return StripeAPIError(400, message, type="idempotency_error").response()
 
-    def _send(self, response: FakeResponse) -> None:
-        payload = (json.dumps(response.body, indent=2) + "\n").encode("utf-8")
-        self.send_response(response.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-cache, no-store")
-        for name, value in response.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+    def rate_limited(self, request: ProviderRequest, rejection: Rejection) -> FakeResponse:
+        """429 ``rate_limit``, with ``Retry-After`` only if configured (Stripe sends none)."""
+        retry_after = self.rate_limit_retry_after
+        return StripeAPIError(
+            429,
+            RATE_LIMIT_MESSAGE,
+            code="rate_limit",
+            headers=(
+                {"Retry-After": _format_seconds(retry_after)} if retry_after is not None else None
+            ),
+        ).response()
 
-    def _reset_connection(self) -> None:
-        """Close with SO_LINGER 0 so the client sees a TCP reset and no response."""
-        self.close_connection = True
-        with contextlib.suppress(OSError):
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.close()
+    def render_error(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> FakeResponse:
+        """``api_error`` for 5xx, ``invalid_request_error`` otherwise."""
+        kind = "api_error" if status >= 500 else "invalid_request_error"
+        return StripeAPIError(status, message, type=kind, code=code, headers=headers).response()
 
-    def log_message(self, format: str, *args: Any) -> None:
-        if self.server.verbose:
-            super().log_message(format, *args)
+    def render_fault(self, fault: ProviderFault) -> FakeResponse:
+        """A fault in Stripe's error shape, with its type, param and decline code."""
+        if not isinstance(fault, Fault):
+            return super().render_fault(fault)
+        return StripeAPIError(
+            fault.status,
+            fault.message,
+            type=fault.error_type,
+            code=fault.code,
+            param=fault.param,
+            decline_code=fault.decline_code,
+            headers=fault.headers,
+        ).response()
+
+    def unknown_route(self, request: ProviderRequest) -> FakeResponse:
+        """Stripe's 404 for an unknown URL."""
+        return StripeAPIError(
+            404,
+            f"Unrecognized request URL ({request.method}: {request.path}). Please see "
+            "https://stripe.com/docs or we can help at https://support.stripe.com/.",
+        ).response()
+
+    def finish_response(self, request: ProviderRequest, response: FakeResponse) -> None:
+        """``Stripe-Version`` on every response; the key echoed on POSTs."""
+        version = request.headers.get("stripe-version") or API_VERSION
+        response.headers.setdefault("Stripe-Version", version)
+        if request.method == "POST" and "idempotency-key" in request.headers:
+            response.headers.setdefault("Idempotency-Key", request.headers["idempotency-key"])
+
+    def reset_objects(self) -> None:
+        """Forget every Stripe object."""
+        self.state.reset()
+
+    def snapshot_objects(self) -> JSON:
+        """Customers, invoices (with all their lines), invoice items, ``/send`` counts."""
+        st = self.state
+        return {
+            "customers": [st.customers[i] for i in _newest_first(st, st.customers)],
+            "invoices": [
+                self.render_invoice(st.invoices[i], all_lines=True)
+                for i in _newest_first(st, st.invoices)
+            ],
+            "invoice_items": [st.invoice_items[i] for i in _newest_first(st, st.invoice_items)],
+            "sent": dict(st.sent),
+        }
+
+    def render_invoice(
+        self, invoice: JSON, *, expand: tuple[str, ...] = (), all_lines: bool = False
+    ) -> JSON:
+        """An invoice as Stripe returns it: ``lines`` is a list object (first 10 lines)."""
+        out = dict(invoice)
+        lines = self.state.invoice_lines[invoice["id"]]
+        shown = lines if all_lines else lines[:10]
+        out["lines"] = {
+            "object": "list",
+            "data": [dict(line) for line in shown],
+            "has_more": len(shown) < len(lines),
+            "total_count": len(lines),
+            "url": f"/v1/invoices/{invoice['id']}/lines",
+        }
+        if "customer" in expand:
+            out["customer"] = self.state.customers[invoice["customer"]]
+        return out
+
+    def render_item(self, item: JSON, expand: tuple[str, ...] = ()) -> JSON:
+        """An invoice item, optionally with ``customer``/``invoice`` expanded."""
+        out = dict(item)
+        if "customer" in expand:
+            out["customer"] = self.state.customers[item["customer"]]
+        if "invoice" in expand and item["invoice"]:
+            out["invoice"] = self.render_invoice(self.state.invoices[item["invoice"]])
+        return out
 
 
-class FakeStripe:
+class FakeStripe(FakeProvider[FakeStripeApp]):
     """The fake on a background thread, bound to 127.0.0.1 (``port=0``: the OS picks).
 
     Keyword arguments other than ``port`` and ``verbose`` go to :class:`FakeStripeApp`.
     """
 
     def __init__(self, *, port: int = 0, verbose: bool = False, **settings: Any) -> None:
-        self.app = FakeStripeApp(**settings)
-        self._port = port
-        self._verbose = verbose
-        self._server: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    def start(self) -> FakeStripe:
-        """Bind and serve in a daemon thread."""
-        if self._server is not None:
-            raise RuntimeError("already started")
-        self._server = _HTTPServer(("127.0.0.1", self._port), self.app, self._verbose)
-        self.app.base_url = self.url
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name=f"fake-stripe-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the listening socket."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> FakeStripe:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        """The bound port."""
-        if self._server is None:
-            raise RuntimeError("not started")
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT`` (pass as the Stripe SDK's ``api`` base address)."""
-        return f"http://127.0.0.1:{self.port}"
-
-    # -- state -------------------------------------------------------------------------
-
-    def state(self) -> JSON:
-        """Same as ``GET /_fake/state``."""
-        return self.app.snapshot()
-
-    def reset(self) -> None:
-        """Forget all objects, keys, requests and faults (settings stay)."""
-        self.app.state.reset()
-
-    def configure(self, **settings: Any) -> None:
-        """Change ``rate_limit``, ``burst``, ``latency``, ``search_lag``, ... at run time."""
-        self.app.configure(**settings)
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        """A copy of the recorded ``/v1`` requests."""
-        with self.app.state.lock:
-            return list(self.app.state.requests)
+        super().__init__(FakeStripeApp(**settings), port=port, verbose=verbose)
 
     def stripe_client(self, api_key: str = "sk_test_kiki_fake", **kwargs: Any) -> Any:
         """A ``stripe.StripeClient`` aimed at the fake (API 2023-08-16, no retries)."""
@@ -2123,13 +1598,6 @@ class FakeStripe:
         kwargs.setdefault("max_network_retries", 0)
         kwargs.setdefault("stripe_version", API_VERSION)
         return stripe.StripeClient(api_key, base_addresses={"api": self.url}, **kwargs)
-
-    # -- faults --------------------------------------------------------------------------
-
-    def inject(self, fault: Fault) -> Fault:
-        """Queue any :class:`Fault`; returns it (``hits``/``times`` show its use)."""
-        with self.app.state.lock:
-            return self.app.state.add_fault(fault)
 
     def inject_503(
         self, method: str = "*", path: str = "/v1/", *, times: int = 1, after: bool = False
@@ -2197,45 +1665,6 @@ class FakeStripe:
             )
         )
 
-    def inject_drop(
-        self, method: str = "*", path: str = "/v1/", *, times: int = 1, after: bool = False
-    ) -> Fault:
-        """Reset the connection; ``after=True``: after the operation ran."""
-        return self.inject(Fault.connection_drop(method, path, times=times, after=after))
-
-    def inject_delay(
-        self,
-        method: str = "*",
-        path: str = "/v1/",
-        *,
-        seconds: float,
-        times: int = 1,
-        after: bool = False,
-    ) -> Fault:
-        """Hold the request ``seconds``.
-
-        ``after=False``: before the operation, with its idempotency key in flight (a second
-        request with the key gets 409). ``after=True``: after the result is stored (a retry
-        with the key gets the replay), e.g. to make a client time out on a done operation.
-        """
-        return self.inject(Fault.delay(method, path, seconds=seconds, times=times, after=after))
-
-    def clear_faults(self) -> None:
-        """Drop every queued fault."""
-        with self.app.state.lock:
-            self.app.state.faults.clear()
-
-    @property
-    def faults(self) -> list[Fault]:
-        """The queued faults."""
-        with self.app.state.lock:
-            return list(self.app.state.faults)
-
-
-# ============================================================================================
-# Running as a process
-# ============================================================================================
-
 
 @contextlib.contextmanager
 def spawn_fake_stripe(
@@ -2249,40 +1678,10 @@ def spawn_fake_stripe(
     ``extra_args`` are CLI options (``"--rate-limit", "100"``). The process is stopped by its
     pid (SIGTERM, then SIGKILL) on exit.
     """
-    root = Path(cwd) if cwd is not None else Path(__file__).resolve().parents[2]
-    with tempfile.TemporaryDirectory(prefix="fake-stripe-") as tmp:
-        ready = Path(tmp) / "url"
-        process = subprocess.Popen(
-            [
-                python,
-                "-m",
-                "tests.support.fake_stripe",
-                "--port",
-                "0",
-                "--ready-file",
-                str(ready),
-                *extra_args,
-            ],
-            cwd=root,
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + timeout
-            while not ready.exists():
-                if process.poll() is not None:
-                    raise RuntimeError(f"fake Stripe exited with {process.returncode}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError("fake Stripe did not become ready")
-                time.sleep(0.02)
-            yield ready.read_text(encoding="utf-8").strip(), process
-        finally:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    os.kill(process.pid, signal.SIGKILL)
-                    process.wait()
+    with spawn_fake(
+        "tests.support.fake_stripe", *extra_args, python=python, timeout=timeout, cwd=cwd
+    ) as spawned:
+        yield spawned
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2291,9 +1690,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tests.support.fake_stripe",
         description="Stripe-compatible fake on 127.0.0.1.",
     )
-    parser.add_argument("--port", type=int, default=0, help="0: let the OS choose")
+    common_arguments(parser)
     parser.add_argument(
-        "--rate-limit", type=float, default=None, help="requests per second (default: unlimited)"
+        "--rate-mode",
+        choices=("window", "bucket"),
+        default="bucket",
+        help="window: at most --rate-limit (default 100) in any sliding second, as Stripe's "
+        "live limit; bucket: a token bucket (default)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=None,
+        help="requests per second (default: 100 in window mode, unlimited in bucket mode)",
     )
     parser.add_argument("--burst", type=float, default=None, help="token bucket size")
     parser.add_argument(
@@ -2302,7 +1711,6 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="send Retry-After on rate-limit 429s (Stripe does not)",
     )
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     parser.add_argument(
         "--search-lag", type=float, default=0.0, help="seconds before new objects appear in /search"
     )
@@ -2312,10 +1720,6 @@ def main(argv: list[str] | None = None) -> int:
         help="do not check requests against Stripe's OpenAPI spec",
     )
     parser.add_argument("--seed", type=int, default=None, help="deterministic ids")
-    parser.add_argument(
-        "--ready-file", default=None, help="write the URL here once listening (removed on exit)"
-    )
-    parser.add_argument("--verbose", action="store_true", help="log each request to stderr")
     args = parser.parse_args(argv)
 
     fake = FakeStripe(
@@ -2323,31 +1727,15 @@ def main(argv: list[str] | None = None) -> int:
         verbose=args.verbose,
         rate_limit=args.rate_limit,
         burst=args.burst,
+        rate_mode=args.rate_mode,
         rate_limit_retry_after=args.retry_after,
         latency=args.latency,
+        key_lifetime=args.key_lifetime,
         search_lag=args.search_lag,
         spec_check=not args.no_spec_check,
         seed=args.seed,
     )
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    fake.start()
-    ready = Path(args.ready_file) if args.ready_file else None
-    try:
-        if ready is not None:
-            partial = ready.with_name(ready.name + ".tmp")
-            partial.write_text(fake.url + "\n", encoding="utf-8")
-            os.replace(partial, ready)
-        print(fake.url, flush=True)
-        while not stop.wait(0.2):
-            pass
-    finally:
-        fake.stop()
-        if ready is not None:
-            with contextlib.suppress(FileNotFoundError):
-                ready.unlink()
-    return 0
+    return serve_until_stopped(fake, args.ready_file)
 
 
 if __name__ == "__main__":

@@ -711,7 +711,7 @@ def test_every_step_against_the_fake(
         idempotency_key(invoice.number, invoice.revision, "stripe", name) for name in step_names
     ]
     assert all(r.idempotency_key is None for r in server.requests if r.method != "POST")
-    assert all(r.stripe_version == "2023-08-16" for r in server.requests)
+    assert all(r.headers["stripe-version"] == "2023-08-16" for r in server.requests)
 
     # Each request conforms to Stripe's 2023-08-16 OpenAPI spec.
     if validate_stripe_request is not None:
