@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Tests see the adapters of this package only, never stray plugins installed beside it; a test
+# that installs a third-party adapter names its distribution too.
+os.environ["KIKI_ADAPTER_PACKAGES"] = "kiki-billing"
 CASSETTES = REPO / "cassettes"
 
 # Headers that carry secrets or describe the recording host; never stored in a cassette.

@@ -7,6 +7,8 @@ package registers its own, so the core never imports an adapter by name.
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -39,9 +41,24 @@ class AdapterInfo:
         return f"pip install 'kiki-billing[{self.extra}]'"
 
 
+PACKAGES_VARIABLE = "KIKI_ADAPTER_PACKAGES"
+"""Comma-separated distributions whose adapters load (unset: every installed one)."""
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 @cache
 def _entry_points() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    wanted = os.environ.get(PACKAGES_VARIABLE, "").strip()
+    allowed = {_normal(n) for n in wanted.split(",") if n.strip()} if wanted else None
+    found = {}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        dist = _normal(point.dist.name) if point.dist is not None else None
+        if allowed is None or dist in allowed:
+            found[point.name] = point
+    return found
 
 
 def reset_cache() -> None:

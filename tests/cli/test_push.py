@@ -39,6 +39,7 @@ def run(tmp_path: Path, *args: str, env: dict[str, str] | None = None, code: str
     base = {k: v for k, v in os.environ.items() if not k.startswith("KIKI_")} | {
         "KIKI_DATA_DIR": str(tmp_path / "data"),
         "KIKI_LOG_LEVEL": "ERROR",
+        "KIKI_ADAPTER_PACKAGES": "kiki-billing",
     }
     base.update(env or {})
     command = [sys.executable, "-c", code or "from kiki_billing.cli import main; main()", *args]
@@ -224,7 +225,11 @@ def test_a_third_party_adapter_registers_through_entry_points(tmp_path: Path) ->
     (site / "kiki_acme_adapter-1.0.dist-info" / "entry_points.txt").write_text(
         "[kiki_billing.adapters]\nacme_ledger = kiki_acme_adapter:AcmeLedgerAdapter\n"
     )
-    env = {"PYTHONPATH": str(site), "KIKI_ACME_LEDGER_PATH": str(tmp_path / "acme.txt")}
+    env = {
+        "PYTHONPATH": str(site),
+        "KIKI_ACME_LEDGER_PATH": str(tmp_path / "acme.txt"),
+        "KIKI_ADAPTER_PACKAGES": "kiki-billing,kiki-acme-adapter",
+    }
     listing = run(tmp_path, "adapters", env=env)
     assert "acme_ledger" in listing.stdout and "kiki-acme-adapter" in listing.stdout
     file = contracts(tmp_path, '["acme_ledger"]')

@@ -40,7 +40,11 @@ from kiki_billing.models import BillingPeriod, Invoice, LineKind
 from kiki_billing.pipeline import MetricsSource, compute_period
 from tests.support.fake_stripe import spawn_fake_stripe
 
-pytestmark = pytest.mark.block_network(allowed_hosts=[r"^127\.0\.0\.1$"])
+pytestmark = [
+    pytest.mark.block_network(allowed_hosts=[r"^127\.0\.0\.1$"]),
+    # Slow (tens of seconds), but part of the README's test command and of CI.
+    pytest.mark.slow,
+]
 
 KIKI = Path(sys.executable).with_name("kiki-billing")
 SEED = 20260131
@@ -210,6 +214,7 @@ class Workspace:
         self.env = base | {
             "KIKI_DATA_DIR": str(self.root / "data"),
             "KIKI_LOG_LEVEL": "ERROR",
+            "KIKI_ADAPTER_PACKAGES": "kiki-billing",
             "KIKI_STRIPE_API_KEY": "sk_test_kiki_crash_recovery",
             "KIKI_STRIPE_API_BASE": self.fake.url,
             "KIKI_STRIPE_RATE_LIMIT": "1000",
