@@ -55,6 +55,13 @@ def open_ledger(settings: HubSettings, *, must_exist: bool = False) -> Iterator[
     from kiki_billing.hub.settings import driver_hint
 
     url = settings.ledger_location()
+    try:
+        sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise ConfigurationError(
+            "KIKI_LEDGER_URL is not a database URL (sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST/DB)"
+        ) from None
     if (
         must_exist
         and settings.ledger_url is None
@@ -74,6 +81,8 @@ def open_ledger(settings: HubSettings, *, must_exist: bool = False) -> Iterator[
         ) from None
     except (sqlalchemy.exc.SQLAlchemyError, OSError, ValueError, RuntimeError) as exc:
         detail = str(exc) if isinstance(exc, RuntimeError) else type(exc).__name__
+        if isinstance(exc, OSError) and exc.strerror:
+            detail = exc.strerror
         raise ConfigurationError(f"cannot open the ledger {_safe_url(url)}: {detail}") from None
     try:
         yield ledger

@@ -9,6 +9,10 @@ from typing import Any
 
 import structlog
 
+from kiki_billing.errors import ConfigurationError
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 class _CurrentStderr:
     """Writes to whatever ``sys.stderr`` is at the time.
@@ -29,8 +33,13 @@ def configure_logging(level: str | None = None) -> None:
 
     Args:
         level: Log level name; defaults to ``KIKI_LOG_LEVEL`` or ``WARNING``.
+
+    Raises:
+        ConfigurationError: Not a known level.
     """
     name = (level or os.environ.get("KIKI_LOG_LEVEL") or "WARNING").strip().upper()
+    if name not in LEVELS:
+        raise ConfigurationError(f"KIKI_LOG_LEVEL is invalid: use one of {', '.join(LEVELS)}")
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
         if sys.stderr.isatty()
@@ -43,9 +52,7 @@ def configure_logging(level: str | None = None) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(name, logging.WARNING)
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[name]),
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )

@@ -31,6 +31,7 @@ from kiki_billing.errors import InputError
 from kiki_billing.money import Rounding, currency_exponent, parse_amount
 
 CALCULATOR_VERSION = "profit-share/1"
+MAX_BASELINE_ROAS = Decimal(1_000_000)
 
 
 def _strict_decimal(value: object) -> Decimal:
@@ -42,12 +43,22 @@ def _strict_decimal(value: object) -> Decimal:
         raise ValueError(exc.message) from None
 
 
+def _computed_decimal(value: object) -> Decimal:
+    if type(value) is Decimal and value.is_finite() and value.adjusted() < 30:
+        return value
+    try:
+        return parse_amount(value, computed=True)
+    except InputError as exc:
+        raise ValueError(exc.message) from None
+
+
+_AS_STRING = PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")
+
 # Decimals enter as strings (never floats) and leave as plain decimal strings.
-Amount = Annotated[
-    Decimal,
-    BeforeValidator(_strict_decimal),
-    PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json"),
-]
+Amount = Annotated[Decimal, BeforeValidator(_strict_decimal), _AS_STRING]
+"""An input amount: at most 15 integer and 12 fractional digits."""
+Computed = Annotated[Decimal, BeforeValidator(_computed_decimal), _AS_STRING]
+"""A computed amount or ratio: a product, a sum of lines, a ratio of two inputs."""
 
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
 
@@ -86,7 +97,7 @@ class BillingPeriod(Frozen):
         Raises:
             ValueError: ``label`` is not ``YYYY-MM``.
         """
-        match = re.fullmatch(r"(\d{4})-(\d{2})", label.strip())
+        match = re.fullmatch(r"([0-9]{4})-([0-9]{2})", label.strip())
         if not match or not 1 <= int(match.group(2)) <= 12:
             raise ValueError(f"period must be YYYY-MM, got {label!r}")
         if not 1970 <= int(match.group(1)) <= 9998:
@@ -166,8 +177,10 @@ class Contract(Frozen):
     @field_validator("baseline_roas")
     @classmethod
     def _check_baseline(cls, value: Decimal) -> Decimal:
-        if value < 0:
-            raise ValueError(f"baseline ROAS must not be negative, got {value}")
+        if not Decimal(0) <= value <= MAX_BASELINE_ROAS:
+            raise ValueError(
+                f"baseline ROAS must be between 0 and {MAX_BASELINE_ROAS}, got {value}"
+            )
         return value
 
     @field_validator("minimum_fee", "fee_cap")
@@ -277,16 +290,16 @@ class InvoiceLine(Frozen):
     campaign_id: str | None = None
     campaign_name: str | None = None
     platform: str | None = None
-    spend: Amount
-    ltv: Amount
-    baseline_roas: Amount
-    achieved_roas: Amount | None = None
-    baseline_value: Amount
-    margin_recovered: Amount
-    billable_margin: Amount
-    share_rate: Amount
-    fee: Amount
-    accuracy: Amount | None = None
+    spend: Computed
+    ltv: Computed
+    baseline_roas: Computed
+    achieved_roas: Computed | None = None
+    baseline_value: Computed
+    margin_recovered: Computed
+    billable_margin: Computed
+    share_rate: Computed
+    fee: Computed
+    accuracy: Computed | None = None
 
 
 class Invoice(Frozen):
@@ -306,12 +319,12 @@ class Invoice(Frozen):
     payment_terms_days: int
     rounding: Rounding
     lines: tuple[InvoiceLine, ...]
-    total_spend: Amount
-    total_ltv: Amount
-    total_baseline_value: Amount
-    total_margin_recovered: Amount
-    total_fee: Amount
-    client_keeps: Amount
+    total_spend: Computed
+    total_ltv: Computed
+    total_baseline_value: Computed
+    total_margin_recovered: Computed
+    total_fee: Computed
+    client_keeps: Computed
     proof: ProofOfValue
     content_hash: str = ""
     """:meth:`billing_hash` at issue: identifies what is billed, not where it was read from."""
@@ -348,9 +361,9 @@ class NotBilled(Frozen):
     client_id: str
     reason: Literal["zero_fee", "no_metrics"]
     currency: str
-    total_spend: Amount
-    total_ltv: Amount
-    total_margin_recovered: Amount
+    total_spend: Computed
+    total_ltv: Computed
+    total_margin_recovered: Computed
 
 
 class CurrencyTotals(Frozen):
@@ -358,15 +371,15 @@ class CurrencyTotals(Frozen):
 
     currency: str
     invoices: int
-    total_spend: Amount
-    total_ltv: Amount
-    total_baseline_value: Amount
-    total_margin_recovered: Amount
-    total_fee: Amount
-    client_keeps: Amount
-    monthly_recurring_revenue: Amount
-    spend_weighted_roas: Amount | None
-    client_roi_on_fee: Amount | None
+    total_spend: Computed
+    total_ltv: Computed
+    total_baseline_value: Computed
+    total_margin_recovered: Computed
+    total_fee: Computed
+    client_keeps: Computed
+    monthly_recurring_revenue: Computed
+    spend_weighted_roas: Computed | None
+    client_roi_on_fee: Computed | None
 
 
 class RunSummary(Frozen):

@@ -48,6 +48,9 @@ MONEY_CONTEXT = decimal.Context(
 )
 
 _AMOUNT = re.compile(r"-?(?:0|[1-9]\d{0,14})(?:\.\d{1,12})?")
+# Computed amounts (a baseline value, a total of many lines, a ratio) may outgrow any one
+# input; they are still plain decimals, bounded so that nothing absurd is ever stored.
+_COMPUTED = re.compile(r"-?(?:0|[1-9]\d{0,29})(?:\.\d{1,16})?")
 
 
 class Rounding(StrEnum):
@@ -80,12 +83,14 @@ def currency_exponent(currency: str) -> int:
         raise InputError(f"unknown currency {currency!r} (expected an ISO 4217 code)") from None
 
 
-def parse_amount(value: object, *, field: str | None = None) -> Decimal:
+def parse_amount(value: object, *, field: str | None = None, computed: bool = False) -> Decimal:
     """Parse a decimal string such as ``"36000.00"`` into an exact :class:`Decimal`.
 
     Args:
         value: The raw value; must be a ``str`` (or an existing finite ``Decimal``).
         field: The field name, for the error message.
+        computed: A value kiki-billing computed (up to 30 integer and 16 fractional digits)
+            rather than an input (up to 15 and 12).
 
     Returns:
         The exact amount.
@@ -104,7 +109,7 @@ def parse_amount(value: object, *, field: str | None = None) -> Decimal:
         raise InputError(
             f"amount must be a decimal string, got {type(value).__name__} {value!r}", field=field
         )
-    if not _AMOUNT.fullmatch(text):
+    if not (_COMPUTED if computed else _AMOUNT).fullmatch(text):
         raise InputError(f"not a decimal amount: {value!r}", field=field)
     return Decimal(text)
 

@@ -359,11 +359,11 @@ def parse_rate_limit(text: str) -> tuple[RateWindow, ...]:
         item = part.strip().lower()
         match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:/\s*(\d*)\s*([a-z]+))?", item)
         if not match:
-            raise ValueError(f"{part.strip()!r} is not a rate like 100/s, 500/min or 5000/day")
+            raise ValueError("is not a rate like 100/s, 500/min or 5000/day")
         count, multiple, unit = match.groups()
         seconds = _UNITS.get(unit or "s")
         if seconds is None:
-            raise ValueError(f"unknown unit {unit!r} (s, min, h, day)")
+            raise ValueError("has an unknown unit (use s, min, h or day)")
         seconds *= int(multiple) if multiple else 1
         rate = float(count)
         if rate <= 0:
@@ -371,7 +371,7 @@ def parse_rate_limit(text: str) -> tuple[RateWindow, ...]:
         if rate < 1 and unit in (None, "s", "sec", "second"):
             windows.append(RateWindow(1, seconds / rate))
         elif rate != int(rate):
-            raise ValueError(f"{count} is not a whole number of requests per {unit}")
+            raise ValueError("needs a whole number of requests per minute, hour or day")
         else:
             windows.append(RateWindow(int(rate), seconds))
     return tuple(sorted(windows, key=lambda w: w.seconds))

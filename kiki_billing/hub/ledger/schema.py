@@ -70,14 +70,14 @@ deliveries_table = sa.Table(
     sa.Column("client_id", sa.String(128), nullable=False),
     sa.Column("period", sa.String(32), nullable=False, index=True),
     sa.Column("target", sa.String(64), nullable=False),
-    sa.Column("account", sa.String(255), nullable=False),
+    sa.Column("account", sa.Text, nullable=False),
     sa.Column("content_hash", sa.String(64), nullable=False),
     sa.Column("client_settings", sa.Text, nullable=False),
     sa.Column("state", sa.String(16), nullable=False, index=True),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("refs", sa.Text, nullable=False, default="{}"),
     sa.Column("last_error", sa.Text),
-    sa.Column("owner", sa.String(255)),
+    sa.Column("owner", sa.Text),
     sa.Column("lease_until", sa.Float),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
@@ -103,17 +103,17 @@ client_refs_table = sa.Table(
     "client_refs",
     metadata,
     sa.Column("target", sa.String(64), primary_key=True),
-    sa.Column("account", sa.String(255), primary_key=True),
+    sa.Column("account", sa.Text, primary_key=True),
     sa.Column("client_id", sa.String(128), primary_key=True),
     sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("value", sa.String(255), nullable=False),
+    sa.Column("value", sa.Text, nullable=False),
 )
 
 credentials_table = sa.Table(
     "credentials",
     metadata,
     sa.Column("target", sa.String(64), primary_key=True),
-    sa.Column("account", sa.String(255), primary_key=True),
+    sa.Column("account", sa.Text, primary_key=True),
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
@@ -123,8 +123,8 @@ account_locks_table = sa.Table(
     "account_locks",
     metadata,
     sa.Column("target", sa.String(64), primary_key=True),
-    sa.Column("account", sa.String(255), primary_key=True),
-    sa.Column("owner", sa.String(255)),
+    sa.Column("account", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text),
     sa.Column("lock_until", sa.Float),
 )
 
@@ -194,7 +194,9 @@ def _migrate_v1(conn: sa.Connection, inspector: Any) -> None:
                 "UNIQUE (invoice_number, revision, target, account)"
             )
         )
-        conn.execute(sa.text("ALTER TABLE deliveries ALTER COLUMN account TYPE VARCHAR(255)"))
+        conn.execute(sa.text("ALTER TABLE deliveries ALTER COLUMN account TYPE TEXT"))
+        conn.execute(sa.text("ALTER TABLE client_refs ALTER COLUMN account TYPE TEXT"))
+        conn.execute(sa.text("ALTER TABLE client_refs ALTER COLUMN value TYPE TEXT"))
     # Content hashes become hashes of what is billed; the stored documents stay as issued.
     rows = conn.execute(
         sa.select(invoices_table.c.number, invoices_table.c.revision, invoices_table.c.document)
