@@ -263,7 +263,8 @@ def test_bad_arguments_of_other_commands_are_one_line_errors(
         (b"[[clients]]\nid = 'acme'\nname = 'Acme'\nshare_rate = 'NaN'\n", "share_rate"),
         (b"[[clients]]\nid = 'a' \nname = 'A'\n[clients.json]\ntargets = ['json']\n", "inside"),
         (
-            b"[targets.json]\nfolder = 'x'\n[[clients]]\nid = 'acme'\nname = 'A'\ntargets = ['json']\n",
+            b"[targets.json]\nfolder = 'x'\n"
+            b"[[clients]]\nid = 'acme'\nname = 'A'\ntargets = ['json']\n",
             "targets.json.folder",
         ),
     ],
