@@ -335,14 +335,15 @@ def show_outcomes(outcomes: list[DeliveryOutcome], *, quiet: bool = False) -> No
                 plain(outcome.error or outcome.note or ""),
             )
         console().print(table)
-    else:
-        for outcome in outcomes:
-            if not outcome.ok:
-                err_console().print(
-                    f"{outcome.invoice_number} {outcome.target}: {outcome.state.value}: "
-                    f"{outcome.error or outcome.note or ''}",
-                    markup=False,
-                )
+    for outcome in outcomes:
+        if not outcome.ok:
+            # In full, on one line: a table cell truncates, and scripts grep for the reason.
+            err_console().print(
+                f"{outcome.invoice_number} {outcome.target}: {outcome.state.value}: "
+                f"{outcome.error or outcome.note or ''}",
+                markup=False,
+                soft_wrap=True,
+            )
     tally = Counter(outcome.state.value for outcome in outcomes)
     console().print(
         ", ".join(f"{count} {state}" for state, count in sorted(tally.items()))

@@ -98,6 +98,20 @@ def _date(value: date, fmt: str) -> str:
     return value.strftime("%d/%m/%Y" if fmt == "DD/MM/YYYY" else "%m/%d/%Y")
 
 
+# NOTE: a spreadsheet runs a cell that starts with one of these as a formula (OWASP "CSV
+# injection"); a leading apostrophe makes it text, shown as written.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def text_cell(value: str) -> str:
+    """A text cell that a spreadsheet can never take for a formula.
+
+    Amount cells are not passed through here: they stay numbers (a negative fee-cap adjustment
+    keeps its minus sign).
+    """
+    return f"'{value}" if value.startswith(_FORMULA_STARTS) else value
+
+
 def _csv(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
@@ -113,19 +127,19 @@ def xero_rows(invoice: Invoice, settings: XeroCsvSettings) -> list[list[str]]:
         row = dict.fromkeys(XERO_HEADER, "")
         row.update(
             {
-                "*ContactName": invoice.client_name,
-                "EmailAddress": invoice.client_email or "",
+                "*ContactName": text_cell(invoice.client_name),
+                "EmailAddress": text_cell(invoice.client_email or ""),
                 "*InvoiceNumber": invoice.number,
                 "Reference": f"Profit share {invoice.period}",
                 "*InvoiceDate": _date(invoice.issue_date, settings.date_format),
                 "*DueDate": _date(invoice.due_date, settings.date_format),
-                "*Description": line.description,
+                "*Description": text_cell(line.description),
                 "*Quantity": "1",
                 "*UnitAmount": format_money(line.fee, invoice.currency),
-                "*AccountCode": settings.account_code,
-                "*TaxType": settings.tax_type,
+                "*AccountCode": text_cell(settings.account_code),
+                "*TaxType": text_cell(settings.tax_type),
                 "Currency": invoice.currency,
-                "BrandingTheme": settings.branding_theme or "",
+                "BrandingTheme": text_cell(settings.branding_theme or ""),
             }
         )
         rows.append([row[name] for name in XERO_HEADER])
@@ -157,14 +171,14 @@ def quickbooks_rows(
         amount = format_money(line.fee, invoice.currency)
         row = {
             "*InvoiceNo": quickbooks_doc_number(invoice.number),
-            "*Customer": invoice.client_name,
+            "*Customer": text_cell(invoice.client_name),
             "*InvoiceDate": _date(invoice.issue_date, settings.date_format),
             "*DueDate": _date(invoice.due_date, settings.date_format),
             "Terms": f"Net {invoice.payment_terms_days}",
-            "Location": settings.location or "",
+            "Location": text_cell(settings.location or ""),
             "Memo": f"{invoice.number} profit share {invoice.period}",
-            "Item(Product/Service)": settings.item,
-            "ItemDescription": line.description,
+            "Item(Product/Service)": text_cell(settings.item),
+            "ItemDescription": text_cell(line.description),
             "ItemQuantity": "1",
             "ItemRate": amount,
             "*ItemAmount": amount,

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from kiki_billing.hub.ledger import Ledger, process_owner
+from kiki_billing.logging import register_secrets
 
 _THREAD_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
@@ -73,6 +74,7 @@ class LedgerCredentialStore:
                 new = change(current)
                 if new is None:
                     return current
+                register_secrets(v for k, v in new.items() if "token" in k or "secret" in k)
                 self.ledger.store_credentials(self.target, self.account, new)
                 return dict(new)
             finally:

@@ -16,6 +16,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from kiki_billing.errors import ConfigurationError
+from kiki_billing.logging import register_secrets
 from kiki_billing.plugin import BillingAdapter, CredentialStore
 
 ENTRY_POINT_GROUP = "kiki_billing.adapters"
@@ -118,6 +119,7 @@ def create_adapter(
     adapter = cls(cls.read_settings())
     if credentials is not None:
         adapter.credentials = credentials(name, adapter.account)
+    register_secrets(adapter.secrets())
     return adapter
 
 
