@@ -6,6 +6,7 @@ on how long something took; where time matters the fake's clock is frozen and ad
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -255,6 +256,28 @@ def test_a_lost_response_runs_the_operation_once_and_the_retry_replays_it(
     assert fake.state()["objects_created"] == {"widget": 1}
     assert [(r.status, r.fault) for r in fake.requests] == [(0, "drop:after"), (201, None)]
     assert (fault.hits, fake.faults) == (1, [])
+
+
+@pytest.mark.parametrize("sent", [0, 5])
+def test_a_request_cut_short_by_a_dying_client_runs_nothing(
+    fake: FakeWidgets, http: requests.Session, sent: int
+) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    body = json.dumps({"name": "complete"}).encode()
+    host = urlsplit(fake.url)
+    with socket.create_connection((host.hostname, host.port)) as raw:
+        head = (
+            f"POST /widgets HTTP/1.1\r\nHost: {host.netloc}\r\n"
+            f"Authorization: {AUTH['Authorization']}\r\nIdempotency-Key: cut\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        raw.sendall(head.encode() + body[:sent])  # then the client dies: EOF mid-body
+    time.sleep(0.2)
+    assert fake.state()["widgets"] == []
+    complete = create(http, fake, name="complete", key="cut")
+    assert complete.status_code == 201 and "Replayed" not in complete.headers
 
 
 def test_a_drop_before_the_operation_runs_nothing(

@@ -1187,11 +1187,20 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            # The client went away mid-request (killed while sending its body). A real server
+            # never runs a truncated request; running it would keep its cut-short parameters
+            # under the idempotency key and refuse the complete request sent again later.
+            self.close_connection = True
+            return
         response = self.server.app.handle(self.command, self.path, dict(self.headers.items()), body)
-        if response.drop:
-            self._reset_connection()
-        else:
-            self._send(response)
+        try:
+            if response.drop:
+                self._reset_connection()
+            else:
+                self._send(response)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client is gone; nothing to answer
 
     def _send(self, response: FakeResponse) -> None:
         payload = response.payload()
