@@ -18,6 +18,7 @@ Tests whose hook a subclass does not provide are skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -143,6 +144,10 @@ class AdapterContractSuite:
 
     def upstream_invoices(self, invoice: Invoice) -> int:
         """How many invoices the double holds that carry ``invoice``'s number."""
+        raise NotImplementedError
+
+    def upstream_customers(self, invoice: Invoice) -> int:
+        """How many customers (contacts, accounts) the double holds for ``invoice``'s client."""
         raise NotImplementedError
 
     def inject(self, kind: str, *, after_write: bool) -> None:
@@ -324,6 +329,8 @@ class AdapterContractSuite:
         )
         assert second.state is DeliveryState.DELIVERED, second.error
         assert self._hook(lambda: self.upstream_invoices(invoice)) == 1
+        with contextlib.suppress(NotImplementedError):
+            assert self.upstream_customers(invoice) == 1
         for name in first.refs:
             if name in second.refs and not name.endswith("status"):
                 assert first.refs[name] == second.refs[name], name

@@ -216,6 +216,9 @@ class TestMemoryAdapterContract(AdapterContractSuite):
     def upstream_invoices(self, invoice) -> int:
         return len(self.system.invoices_numbered(invoice.number))
 
+    def upstream_customers(self, invoice) -> int:
+        return sum(1 for c in self.system.customers.values() if c["client_id"] == invoice.client_id)
+
     def inject(self, kind: str, *, after_write: bool) -> None:
         fault = {"unavailable": "unavailable", "connection": "reset"}[kind]
         self.system.faults.append(Fault(fault, after_write=after_write))

@@ -910,11 +910,36 @@ def retrieve_invoice(app: FakeStripeApp, req: ProviderRequest) -> JSON:
 
 
 def list_invoices(app: FakeStripeApp, req: ProviderRequest) -> JSON:
-    """``GET /v1/invoices`` newest first (``customer``, ``status``, ``collection_method``)."""
+    """``GET /v1/invoices`` newest first (``customer``, ``status``, ``collection_method``,
+    ``created[gte|gt|lte|lt]``)."""
     p = Params(
         req.params,
-        {"customer", "status", "collection_method", "limit", "starting_after", "ending_before"},
+        {
+            "customer",
+            "status",
+            "collection_method",
+            "created",
+            "limit",
+            "starting_after",
+            "ending_before",
+        },
     )
+    created = req.params.get("created") or {}
+    if not isinstance(created, dict):
+        created = {"eq": created}
+    try:
+        bounds = {op: int(str(value)) for op, value in created.items()}
+    except ValueError:
+        raise StripeAPIError(400, "Invalid integer: created", param="created") from None
+    compare = {
+        "gte": lambda t, b: t >= b,
+        "gt": lambda t, b: t > b,
+        "lte": lambda t, b: t <= b,
+        "lt": lambda t, b: t < b,
+        "eq": lambda t, b: t == b,
+    }
+    if set(bounds) - set(compare):
+        raise StripeAPIError(400, "Received unknown parameter: created", param="created")
     expand = tuple(e.removeprefix("data.") for e in _check_expand(p.expand(), {"data.customer"}))
     st = app.state
     customer = p.text("customer")
@@ -926,6 +951,7 @@ def list_invoices(app: FakeStripeApp, req: ProviderRequest) -> JSON:
             (customer is None or invoice["customer"] == customer)
             and (status is None or invoice["status"] == status)
             and (method is None or invoice["collection_method"] == method)
+            and all(compare[op](invoice["created"], b) for op, b in bounds.items())
         )
 
     ids = [i for i in _newest_first(st, st.invoices) if keep(st.invoices[i])]

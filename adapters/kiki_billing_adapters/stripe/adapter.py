@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -265,10 +266,13 @@ class StripeAdapter(BillingAdapter[StripeSettings, StripeClientSettings]):
             return None
         number, revision = ctx.invoice.number, str(ctx.invoice.revision)
         # NOTE: Search is not read-after-write (PROVIDERS.md), so a draft created just before a
-        # crash may not be found by /v1/invoices/search yet: list the customer's invoices.
+        # crash may not be found by /v1/invoices/search yet: list the customer's invoices. An
+        # invoice for a period is never created before the period starts, so the list starts
+        # there (a long-standing customer's earlier invoices are not paged through).
+        since = created_since(ctx.invoice)
         pages = _paginate(
             lambda params: self.client.v1.invoices.list(
-                params=cast(Any, {"customer": customer_id, **params})
+                params=cast(Any, {"customer": customer_id, "created": {"gte": since}, **params})
             ),
             ctx.throttle,
         )
@@ -387,6 +391,15 @@ def _http_client(stripe: Any, api_base: str) -> Any:
     session.mount("https://", pooled)
     session.mount("http://", pooled)
     return stripe.RequestsClient(session=session)
+
+
+def created_since(invoice: Invoice) -> int:
+    """Epoch seconds before which no Stripe invoice of ``invoice`` can have been created.
+
+    The start of the period, a day early for time zones east of UTC.
+    """
+    start = datetime.combine(invoice.period_start, datetime.min.time(), UTC)
+    return int(start.timestamp()) - 86400
 
 
 def _skip_customer(ctx: StripeContext) -> Mapping[str, str] | None:

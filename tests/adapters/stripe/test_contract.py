@@ -46,6 +46,13 @@ class TestStripeAdapterContract(AdapterContractSuite):
             if found["metadata"].get("kiki_invoice_number") == invoice.number
         )
 
+    def upstream_customers(self, invoice: Invoice) -> int:
+        return sum(
+            1
+            for found in self.fake.state()["customers"]
+            if (found.get("metadata") or {}).get("kiki_client_id") == invoice.client_id
+        )
+
     def inject(self, kind: str, *, after_write: bool) -> None:
         if kind == "unavailable":
             self.fake.inject_503("POST", "/v1/invoices", after=after_write)
