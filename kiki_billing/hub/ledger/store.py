@@ -545,33 +545,38 @@ class Ledger:
             process, not in a claimable state, or another process claimed it meanwhile.
         """
         current = self.get_delivery(delivery_id)
-        states = [s.value for s in claimable]
         stale = current.state is DeliveryState.IN_FLIGHT and owner_is_dead(current.owner)
-        condition = deliveries_table.c.state.in_(states) | (
-            (deliveries_table.c.state == DeliveryState.IN_FLIGHT.value)
-            & (deliveries_table.c.lease_until < now)
-        )
+
+        def build() -> Any:
+            in_flight = deliveries_table.c.state == DeliveryState.IN_FLIGHT.value
+            condition = deliveries_table.c.state.in_(sa.bindparam("states", expanding=True)) | (
+                in_flight & (deliveries_table.c.lease_until < sa.bindparam("now"))
+            )
+            if stale:
+                condition = condition | (
+                    in_flight & (deliveries_table.c.owner == sa.bindparam("dead_owner"))
+                )
+            return deliveries_table.update().where(
+                deliveries_table.c.id == sa.bindparam("row_id"),
+                deliveries_table.c.attempts == sa.bindparam("seen_attempts"),
+                condition,
+            )
+
+        params: dict[str, Any] = {
+            "row_id": delivery_id,
+            "seen_attempts": current.attempts,
+            "states": [s.value for s in claimable],
+            "now": now,
+            "state": DeliveryState.IN_FLIGHT.value,
+            "owner": owner,
+            "lease_until": now + self.lease_seconds,
+            "attempts": current.attempts + 1,
+            "updated_at": _now(),
+        }
         if stale:
-            condition = condition | (
-                (deliveries_table.c.state == DeliveryState.IN_FLIGHT.value)
-                & (deliveries_table.c.owner == current.owner)
-            )
+            params["dead_owner"] = current.owner
         with self.engine.begin() as conn:
-            result = conn.execute(
-                deliveries_table.update()
-                .where(
-                    deliveries_table.c.id == delivery_id,
-                    deliveries_table.c.attempts == current.attempts,
-                    condition,
-                )
-                .values(
-                    state=DeliveryState.IN_FLIGHT.value,
-                    owner=owner,
-                    lease_until=now + self.lease_seconds,
-                    attempts=deliveries_table.c.attempts + 1,
-                    updated_at=_now(),
-                )
-            )
+            result = conn.execute(self._statement(f"claim_{stale}", build), params)
         return current.attempts + 1 if result.rowcount == 1 else None
 
     def heartbeat(self, delivery_ids: Iterable[int], owner: str, now: float) -> int:
@@ -780,12 +785,20 @@ class Ledger:
         if write.origin is not None:
             values["origin"] = write.origin.value
         if not write.new:
-            update = steps_table.update().where(
-                steps_table.c.delivery_id == delivery_id, steps_table.c.step == write.step
-            )
-            if write.state is DeliveryState.IN_FLIGHT:
-                update = update.values(attempts=steps_table.c.attempts + 1)
-            if conn.execute(update.values(**values)).rowcount:
+            started = write.state is DeliveryState.IN_FLIGHT
+
+            def build() -> Any:
+                update = steps_table.update().where(
+                    steps_table.c.delivery_id == sa.bindparam("row_delivery"),
+                    steps_table.c.step == sa.bindparam("row_step"),
+                )
+                if started:
+                    update = update.values(attempts=steps_table.c.attempts + 1)
+                return update
+
+            statement = self._statement(f"step_update_{started}_{sorted(values)}", build)
+            params = {"row_delivery": delivery_id, "row_step": write.step, **values}
+            if conn.execute(statement, params).rowcount:
                 return
         conn.execute(
             self._statement("step_insert", steps_table.insert),
@@ -833,38 +846,28 @@ class Ledger:
         client_id: str,
         refs: Mapping[str, str],
     ) -> None:
+        update = self._statement(
+            "client_ref_update",
+            lambda: client_refs_table.update().where(
+                client_refs_table.c.target == sa.bindparam("row_target"),
+                client_refs_table.c.account == sa.bindparam("row_account"),
+                client_refs_table.c.client_id == sa.bindparam("row_client"),
+                client_refs_table.c.name == sa.bindparam("row_name"),
+            ),
+        )
         for name, value in refs.items():
-            where = (
-                client_refs_table.c.target == target,
-                client_refs_table.c.account == account,
-                client_refs_table.c.client_id == client_id,
-                client_refs_table.c.name == name,
-            )
+            where = {
+                "row_target": target,
+                "row_account": account,
+                "row_client": client_id,
+                "row_name": name,
+            }
+            if conn.execute(update, {**where, "value": value}).rowcount:
+                continue
             keys = {"target": target, "account": account, "client_id": client_id, "name": name}
-            self._upsert(client_refs_table, where, {"value": value}, keys, conn)
-
-    def _upsert(
-        self,
-        table: sa.Table,
-        where: tuple[Any, ...],
-        values: Mapping[str, Any],
-        keys: Mapping[str, Any],
-        conn: sa.Connection | None = None,
-    ) -> None:
-        def run(connection: sa.Connection) -> None:
-            updated = connection.execute(table.update().where(*where).values(**values))
-            if updated.rowcount == 0:
-                try:
-                    with connection.begin_nested():
-                        connection.execute(table.insert().values(**keys, **values))
-                except sa.exc.IntegrityError:
-                    connection.execute(table.update().where(*where).values(**values))
-
-        if conn is not None:
-            run(conn)
-            return
-        with self.engine.begin() as own:
-            run(own)
+            inserted = conn.execute(self._insert_new(client_refs_table), {**keys, "value": value})
+            if not inserted.rowcount:  # another process kept it meanwhile: ours is as good
+                conn.execute(update, {**where, "value": value})
 
     # Undated sources -------------------------------------------------------------------------
 
