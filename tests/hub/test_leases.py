@@ -88,3 +88,10 @@ def test_a_holder_that_stops_beating_is_taken_over_after_its_lease(tmp_path: Pat
     (late,) = hub.push(deliveries(invoice))
     assert late.state is DeliveryState.DELIVERED
     assert len(system.invoices_numbered(invoice.number)) == 1
+
+
+def test_an_owner_with_a_thread_suffix_is_alive_while_its_process_runs() -> None:
+    from kiki_billing.hub.ledger import owner_is_dead, process_owner
+
+    assert not owner_is_dead(f"{process_owner()}:140234")
+    assert not owner_is_dead(process_owner())

@@ -25,11 +25,13 @@ def owner_is_dead(owner: str | None) -> bool:
     """True when ``owner`` is a process of this host that no longer runs.
 
     A holder on another host is never known dead here: only its lease running out frees it.
+    An owner may carry more after ``host:pid:start`` (a thread, for locks held per thread).
     """
     if not owner:
         return True
     host, _, rest = owner.partition(":")
     pid_text, _, start = rest.partition(":")
+    start = start.partition(":")[0]
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
