@@ -387,6 +387,8 @@ class FakeXeroApp(FakeProviderApp):
         self.codes: dict[str, CodeGrant] = {}
         self.token_requests: list[str] = []
         """The grant type of every token request, in order (no token is kept here)."""
+        self.grants: list[str] = []
+        """The grant type of every token request that was granted."""
         self._app_minute: deque[float] = deque()
         self.reset_objects()
 
@@ -430,6 +432,7 @@ class FakeXeroApp(FakeProviderApp):
         self.access_tokens.clear()
         self.codes.clear()
         self.token_requests.clear()
+        self.grants.clear()
         self.add_organisation()
 
     def snapshot_objects(self) -> JSON:
@@ -447,6 +450,7 @@ class FakeXeroApp(FakeProviderApp):
                 for t, org in self.organisations.items()
             },
             "token_requests": list(self.token_requests),
+            "grants": list(self.grants),
         }
         decoded: JSON = json.loads(encode(state))
         return decoded
@@ -503,11 +507,12 @@ class FakeXeroApp(FakeProviderApp):
             for grant in self.access_tokens.values():
                 grant.revoked = True
 
-    def _grant(self, tenants: tuple[str, ...]) -> JSON:
+    def _grant(self, grant_type: str, tenants: tuple[str, ...]) -> JSON:
         access = "kiki-fake-access-" + secrets.token_urlsafe(48)
         refresh = secrets.token_hex(32)
         self.access_tokens[access] = AccessGrant(tenants, self.now() + self.access_token_lifetime)
         self.refresh_tokens[refresh] = RefreshGrant(tenants)
+        self.grants.append(grant_type)
         return {
             "access_token": access,
             "expires_in": int(self.access_token_lifetime),
@@ -679,13 +684,13 @@ def token_endpoint(app: FakeXeroApp, req: ProviderRequest) -> Any:
             raise _oauth_error("invalid_grant")
         if grant.spent_at is None:
             grant.spent_at = now
-        return FakeResponse(200, app._grant(grant.tenants))
+        return FakeResponse(200, app._grant(grant_type, grant.tenants))
     if grant_type == "authorization_code":
         code = app.codes.get(form.get("code", ""))
         if code is None or code.used or code.redirect_uri != form.get("redirect_uri"):
             raise _oauth_error("invalid_grant")
         code.used = True
-        return FakeResponse(200, app._grant(code.tenants))
+        return FakeResponse(200, app._grant(grant_type, code.tenants))
     raise _oauth_error("unsupported_grant_type")
 
 

@@ -62,6 +62,7 @@ class XeroTokens:
         self._lock = threading.Lock()
         self._cached: Mapping[str, str] = {}
         self._refused: str | None = None
+        self._refused_refresh: set[str] = set()
         self.refreshes = 0
         """Token endpoint calls made by this process (tests, logs)."""
 
@@ -88,7 +89,11 @@ class XeroTokens:
         store = self._store()
         values = store.load()
         if not self._usable(values):
-            values = store.update(self._refresh_unless_done)
+            spent: list[str] = []
+            try:
+                values = store.update(lambda current: self._refresh_unless_done(current, spent))
+            except TerminalError as exc:
+                raise self._lost_race(exc, spent, store) from None
         with self._lock:
             self._cached = dict(values)
         return values["access_token"]
@@ -106,7 +111,41 @@ class XeroTokens:
             self._cached = {}
             self._refused = None
 
-    def _refresh_unless_done(self, current: Mapping[str, str]) -> Mapping[str, str] | None:
+    def _lost_race(
+        self, error: TerminalError, spent: list[str], store: CredentialStore
+    ) -> DeliveryError:
+        """A refused refresh token that another process has just replaced is worth a retry.
+
+        The store's lock makes a second process wait and read the new tokens; should two
+        refreshes still cross, the loser's spent token is refused while the winner's new one is
+        already stored: the next attempt (the hub's retry) uses it instead of failing.
+        """
+        if error.code != "invalid_grant" or not spent:
+            return error
+        latest = store.load().get("refresh_token")
+        if latest and latest != spent[-1]:
+            return TransientError(
+                "Xero refused a refresh token that another process had just rotated; the next "
+                "attempt uses the new one",
+                status=error.status,
+                code=error.code,
+            )
+        with self._lock:
+            first_refusal = spent[-1] not in self._refused_refresh
+            self._refused_refresh.add(spent[-1])
+        if first_refusal:
+            # The winner of a crossing refresh may not have stored its tokens yet: one retry.
+            return TransientError(
+                "Xero refused the refresh token (invalid_grant); another process may be "
+                "rotating it: trying once more",
+                status=error.status,
+                code=error.code,
+            )
+        return error
+
+    def _refresh_unless_done(
+        self, current: Mapping[str, str], spent: list[str]
+    ) -> Mapping[str, str] | None:
         """The change run under the account's lock: ``None`` if someone else refreshed."""
         if self._usable(current):
             return None
@@ -123,6 +162,7 @@ class XeroTokens:
                 "no Xero refresh token: run `kiki-billing connect xero`, or set "
                 "KIKI_XERO_REFRESH_TOKEN to the first refresh token of the connection"
             )
+        spent.append(refresh_token)
         granted = self.request_tokens(
             {"grant_type": "refresh_token", "refresh_token": refresh_token}
         )
