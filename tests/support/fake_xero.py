@@ -952,7 +952,7 @@ def _contact_problems(org: Organisation, element: JSON, errors: list[str], own: 
                 break
 
 
-def _new_contact(app: FakeXeroApp, org: Organisation, element: Mapping[str, Any]) -> JSON:
+def new_contact(app: FakeXeroApp, org: Organisation, element: Mapping[str, Any]) -> JSON:
     contact_id = app.new_uuid()
     contact = {
         "ContactID": contact_id,
@@ -995,7 +995,7 @@ def build_contact(
 
     def commit() -> JSON:
         if contact_id is None:
-            return _new_contact(app, org, element)
+            return new_contact(app, org, element)
         contact = org.contacts[contact_id]
         for key in ("Name", "EmailAddress", "ContactNumber", "ContactStatus"):
             if key in element:
@@ -1193,7 +1193,7 @@ def build_invoice(
         nonlocal contact
         if contact is None:
             # NOTE: Xero creates a contact it does not know by name, silently (PROVIDERS.md).
-            contact = _new_contact(app, org, {"Name": contact_name})
+            contact = new_contact(app, org, {"Name": contact_name})
         if kind == "ACCREC":
             contact["IsCustomer"] = True
         new_id = app.new_uuid()
@@ -1355,6 +1355,14 @@ class FakeXero(FakeProvider[FakeXeroApp]):
         """The organisation's contacts."""
         with self.app.lock:
             return list(self.app.organisation(tenant).contacts.values())
+
+    def add_contact(
+        self, name: str, number: str | None = None, tenant: str = DEFAULT_TENANT
+    ) -> JSON:
+        """A contact made in Xero by someone else (``ContactNumber`` optional)."""
+        element = {"Name": name} if number is None else {"Name": name, "ContactNumber": number}
+        with self.app.lock:
+            return new_contact(self.app, self.app.organisation(tenant), element)
 
     def expire_keys(self) -> None:
         """Move past the idempotency-key window (keys forgotten, tokens expire too)."""
