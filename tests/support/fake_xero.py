@@ -144,7 +144,7 @@ def error_body(status: int, message: str, code: str | None = None) -> Any:
         "Title": _TITLES.get(status, "Error"),
         "Status": status,
         "Detail": message,
-        "Instance": str(uuid.uuid4()),
+        "Instance": str(uuid.uuid5(uuid.NAMESPACE_URL, f"kiki-fake/{status}/{message}")),
         "Extensions": {},
     }
 
