@@ -28,6 +28,7 @@ from kiki_billing.plugin import (
     StepContext,
     StepRequest,
     TerminalError,
+    TransientError,
 )
 
 from .errors import CORRELATION_HEADER, XeroHTTPError, classify_xero_error
@@ -158,8 +159,10 @@ class XeroAdapter(BillingAdapter[XeroSettings, XeroClientSettings]):
         if not 200 <= response.status_code < 300:
             raise XeroHTTPError(response.status_code, response.headers, parsed, what)
         if not isinstance(parsed, Mapping):
-            raise TerminalError(
-                f"{what}: Xero answered without a JSON object",
+            # A 2xx whose body is lost or mangled (a proxy's page): the outcome is unknown, so
+            # the hub retries with the same key and looks the object up if the key expired.
+            raise TransientError(
+                f"{what}: Xero answered {response.status_code} without a JSON object",
                 request_id=response.headers.get(CORRELATION_HEADER),
                 status=response.status_code,
             )

@@ -90,20 +90,53 @@ TAX_FREE = XeroClientSettings(tax_type="NONE")
 # --------------------------------------------------------------------------------------------
 
 
-def worked_example_invoice(
-    client_id: str, name: str, email: str, campaigns: list[tuple[str, ...]], **contract: Any
-) -> Invoice:
+# client id -> name, email, campaigns (id, name, platform, spend, LTV), contract terms
+EXAMPLE: dict[str, tuple[str, str, list[tuple[str, str, str, str, str]], dict[str, str]]] = {
+    # 2,209.00 per campaign; two campaigns capped at 3,000.00 by a -1,418.00 adjustment.
+    "acme": (
+        "Acme Corp",
+        "billing@acme.example",
+        [
+            ("campaign_001", "Spring retargeting", "Meta Ads", "36000.00", "130090.00"),
+            ("campaign_005", "Summer retargeting", "Meta Ads", "36000.00", "130090.00"),
+        ],
+        {"fee_cap": "3000.00"},
+    ),
+    "techstartup": (  # 3,213.00
+        "TechStartup Inc",
+        "ap@techstartup.example",
+        [("campaign_002", "Search brand + generic", "Google Ads", "44000.00", "164130.00")],
+        {},
+    ),
+    "ecommerce": (  # 1,753.00
+        "E-commerce Co",
+        "finance@ecommerce.example",
+        [("campaign_003", "Creator spark ads", "TikTok Ads", "40000.00", "137530.00")],
+        {},
+    ),
+    "saas": (  # 946.00
+        "SaaS Platform",
+        "billing@saas.example",
+        [("campaign_004", "Decision-maker ABM", "LinkedIn Ads", "25000.00", "84460.00")],
+        {},
+    ),
+}
+
+
+def example(client_id: str) -> Invoice:
+    """One client's January 2026 invoice, independent of the machine and the software version."""
+    name, email, campaigns, contract = EXAMPLE[client_id]
     terms = Contract(client_id=client_id, name=name, email=email, **contract)
     metrics = [
         CampaignMetrics(
             client_id=client_id,
-            campaign_id=c[0],
-            campaign_name=c[1],
-            platform=c[2],
-            spend=c[3],
-            ltv=c[4],
+            campaign_id=campaign_id,
+            campaign_name=campaign_name,
+            platform=platform,
+            spend=spend,
+            ltv=ltv,
         )
-        for c in campaigns
+        for campaign_id, campaign_name, platform, spend, ltv in campaigns
     ]
     computed = compute_invoice(
         terms,
@@ -116,50 +149,6 @@ def worked_example_invoice(
     assert isinstance(computed, Invoice)
     proof = computed.proof.model_copy(update={"software_version": SOFTWARE_VERSION})
     return computed.model_copy(update={"proof": proof}).sealed()
-
-
-def acme() -> Invoice:
-    """2,209.00 per campaign; two campaigns capped at 3,000.00 by a -1,418.00 adjustment."""
-    return worked_example_invoice(
-        "acme",
-        "Acme Corp",
-        "billing@acme.example",
-        [
-            ("campaign_001", "Spring retargeting", "Meta Ads", "36000.00", "130090.00"),
-            ("campaign_005", "Summer retargeting", "Meta Ads", "36000.00", "130090.00"),
-        ],
-        fee_cap="3000.00",
-    )
-
-
-def techstartup() -> Invoice:
-    """3,213.00."""
-    return worked_example_invoice(
-        "techstartup",
-        "TechStartup Inc",
-        "ap@techstartup.example",
-        [("campaign_002", "Search brand + generic", "Google Ads", "44000.00", "164130.00")],
-    )
-
-
-def ecommerce() -> Invoice:
-    """1,753.00."""
-    return worked_example_invoice(
-        "ecommerce",
-        "E-commerce Co",
-        "finance@ecommerce.example",
-        [("campaign_003", "Creator spark ads", "TikTok Ads", "40000.00", "137530.00")],
-    )
-
-
-def saas() -> Invoice:
-    """946.00."""
-    return worked_example_invoice(
-        "saas",
-        "SaaS Platform",
-        "billing@saas.example",
-        [("campaign_004", "Decision-maker ABM", "LinkedIn Ads", "25000.00", "84460.00")],
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +387,7 @@ def test_push_creates_the_contact_and_an_authorised_invoice(
     record_mode: str,
     tmp_path: Path,
 ) -> None:
-    invoice = acme()
+    invoice = example("acme")
     adapter = make_adapter(upstream, MemoryCredentialStore(), xero_store)
     outcome, _ = push(upstream, adapter, invoice, TAX_FREE, tmp_path / "ledger.sqlite3")
 
@@ -426,7 +415,7 @@ def test_push_after_a_lost_ledger_finds_the_contact_and_the_invoice(
     record_mode: str,
     tmp_path: Path,
 ) -> None:
-    invoice = techstartup()
+    invoice = example("techstartup")
     adapter = make_adapter(upstream, MemoryCredentialStore(), xero_store)
     first, _ = push(upstream, adapter, invoice, TAX_FREE, tmp_path / "a.sqlite3")
     assert first.state is DeliveryState.DELIVERED, first.error
@@ -464,7 +453,7 @@ def test_push_waits_out_a_429_then_succeeds(
             status=429,
             headers={"Retry-After": "2", "X-Rate-Limit-Problem": "minute"},
         )
-    invoice = ecommerce()
+    invoice = example("ecommerce")
     adapter = make_adapter(upstream, MemoryCredentialStore(), xero_store)
     outcome, waits = push(upstream, adapter, invoice, TAX_FREE, tmp_path / "ledger.sqlite3")
 
@@ -511,7 +500,7 @@ def test_push_refreshes_the_access_token_after_a_401(
         }
     )
     adapter = XeroAdapter(upstream.settings, credentials=store)
-    invoice = saas()
+    invoice = example("saas")
     outcome, waits = push(upstream, adapter, invoice, TAX_FREE, tmp_path / "ledger.sqlite3")
 
     assert outcome.state is DeliveryState.DELIVERED, outcome.error
@@ -531,12 +520,7 @@ def test_push_with_an_unknown_account_code_fails_with_xeros_message(
     record_mode: str,
     tmp_path: Path,
 ) -> None:
-    invoice = worked_example_invoice(
-        "saas",
-        "SaaS Platform",
-        "billing@saas.example",
-        [("campaign_004", "Decision-maker ABM", "LinkedIn Ads", "25000.00", "84460.00")],
-    )
+    invoice = example("saas")
     client = XeroClientSettings(account_code="999", tax_type="NONE")
     adapter = make_adapter(upstream, MemoryCredentialStore(), xero_store)
     outcome, _ = push(upstream, adapter, invoice, client, tmp_path / "ledger.sqlite3")

@@ -464,3 +464,15 @@ def test_authorization_url_asks_for_invoices_contacts_and_offline_use(
         "state": "state-123",
     }
     assert SCOPES == ("offline_access", "accounting.transactions", "accounting.contacts")
+
+
+def test_a_2xx_without_json_is_an_unknown_outcome_not_a_failure(
+    make_adapter: MakeAdapter, fake: FakeXero
+) -> None:
+    adapter = make_adapter()
+    adapter.tokens.access_token()
+    proxy_page = requests.Response()
+    proxy_page.status_code, proxy_page._content = 200, b"<html>gateway</html>"
+    adapter._http().request = lambda *a, **k: proxy_page  # type: ignore[method-assign]
+    with pytest.raises(TransientError, match="answered 200 without a JSON object"):
+        adapter._call("PUT", "/Invoices?summarizeErrors=false", {"Invoices": []}, "k1-x")
