@@ -1365,7 +1365,7 @@ class FakeXero(FakeProvider[FakeXeroApp]):
             return new_contact(self.app, self.app.organisation(tenant), element)
 
     def expire_keys(self) -> None:
-        """Move past the idempotency-key window (keys forgotten, tokens expire too)."""
+        """Forget every idempotency key, as when the key window has passed (tokens stay)."""
         self.app.idempotency.clear()
 
 
