@@ -1,0 +1,287 @@
+"""Pure payload mappers: our invoice to Xero's Accounting API JSON, tested without a server.
+
+Every function here builds exactly what the adapter sends (and ``--dry-run`` shows); none does
+I/O. Amounts stay :class:`~decimal.Decimal` up to the wire, where :func:`encode_json` writes their
+exact decimal text (Xero's JSON takes numbers; a float would not always be exact).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import date
+from decimal import Decimal
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from kiki_billing.plugin import (
+    MONEY_CONTEXT,
+    AmountLimitError,
+    InputError,
+    Invoice,
+    InvoiceLine,
+    TerminalError,
+    currency_exponent,
+)
+
+from .settings import XeroClientSettings
+
+# NOTE: Xero keeps line totals, tax, subtotals and totals at 2 decimal places whatever the
+# currency (developer.xero.com "Rounding in Xero"); UnitAmount takes 2, or 4 with unitdp=4.
+XERO_AMOUNT_DECIMALS = 2
+# NOTE: maxLength in xero_accounting.yaml 16.1.0: Contact.Name 255, Contact.ContactNumber 50,
+# Contact.EmailAddress 255, Invoice.InvoiceNumber 255.
+MAX_CONTACT_NAME = 255
+MAX_CONTACT_NUMBER = 50
+MAX_EMAIL = 255
+MAX_INVOICE_NUMBER = 255
+# NOTE: "Description ... (max length = 4000)" (developer.xero.com, Invoices, LineItems).
+MAX_LINE_DESCRIPTION = 4000
+# NOTE: Xero's published limits per organisation (tenant): 60 calls a minute, 5 in flight,
+# 5,000 a day (developer.xero.com "OAuth 2.0 API limits").
+MINUTE_LIMIT = 60
+DAY_LIMIT = 5000
+CONCURRENT_LIMIT = 5
+
+CONTACT_ID = "contact_id"
+INVOICE_ID = "invoice_id"
+INVOICE_NUMBER = "invoice_number"
+INVOICE_STATUS = "invoice_status"
+
+# Statuses of an invoice that was cancelled in Xero; its number stays taken.
+CANCELLED_STATUSES = frozenset({"VOIDED", "DELETED"})
+
+
+def xero_amount(amount: Decimal, currency: str) -> Decimal:
+    """``amount`` as Xero can hold it exactly: at most 2 decimal places.
+
+    Args:
+        amount: A fee in the currency's major unit, rounded to its minor unit.
+        currency: ISO 4217 code.
+
+    Returns:
+        The amount with ``min(exponent, 2)`` decimal places (``2209`` JPY, ``2209.00`` USD).
+
+    Raises:
+        AmountLimitError: The currency is unknown, or the amount has a non-zero third decimal
+            (a three-decimal currency such as KWD), which Xero would round.
+    """
+    code = currency.upper()
+    try:
+        exponent = currency_exponent(code)
+    except InputError as exc:
+        raise AmountLimitError(exc.message) from None
+    places = min(exponent, XERO_AMOUNT_DECIMALS)
+    exact = amount.quantize(Decimal(1).scaleb(-places), context=MONEY_CONTEXT)
+    if exact != amount:
+        raise AmountLimitError(
+            f"{amount} {code}: Xero keeps line and invoice totals to {XERO_AMOUNT_DECIMALS} "
+            f"decimal places, so this amount would be rounded and the Xero total would differ "
+            "from the invoice's"
+        )
+    return exact
+
+
+def xero_invoice_number(invoice: Invoice) -> str:
+    """The ``InvoiceNumber`` in Xero: ours, plus ``-R<n>`` for a revision after the first.
+
+    ACCREC numbers are unique in an organisation and a voided invoice keeps its number, so a
+    correction (void plus reissue) needs a number of its own.
+    """
+    return invoice.number if invoice.revision == 0 else f"{invoice.number}-R{invoice.revision}"
+
+
+def invoice_reference(invoice: Invoice) -> str:
+    """The invoice's ``Reference`` (as the Xero CSV export writes it)."""
+    return f"Profit share {invoice.period}"
+
+
+def where_equals(field: str, value: str) -> str:
+    """A Xero ``where`` filter ``Field=="value"``, with quotes and backslashes escaped."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{field}=="{escaped}"'
+
+
+def query_path(path: str, params: Sequence[tuple[str, str]]) -> str:
+    """``path?query`` with each value percent-encoded (spaces as ``%20``)."""
+    if not params:
+        return path
+    return f"{path}?{urlencode(params, quote_via=quote, safe='')}"
+
+
+def contacts_create_path() -> str:
+    """``PUT /Contacts``, per-element errors in a 200."""
+    return query_path("/Contacts", [("summarizeErrors", "false")])
+
+
+def contact_lookup_path(client_id: str) -> str:
+    """``GET /Contacts`` filtered on ``ContactNumber`` (archived contacts left out)."""
+    return query_path("/Contacts", [("where", where_equals("ContactNumber", client_id))])
+
+
+def invoices_create_path() -> str:
+    """``PUT /Invoices`` (creates only), per-element errors in a 200."""
+    return query_path("/Invoices", [("summarizeErrors", "false")])
+
+
+def invoice_lookup_path(number: str) -> str:
+    """``GET /Invoices?InvoiceNumbers=<n>``: every invoice carrying the number."""
+    return query_path("/Invoices", [("InvoiceNumbers", number)])
+
+
+def to_xero_contact(invoice: Invoice) -> dict[str, Any]:
+    """``PUT /Contacts`` body for the invoice's client (``ContactNumber`` = client id)."""
+    contact: dict[str, Any] = {"Name": invoice.client_name, "ContactNumber": invoice.client_id}
+    if invoice.client_email:
+        contact["EmailAddress"] = invoice.client_email
+    return {"Contacts": [contact]}
+
+
+def to_xero_line_item(
+    invoice: Invoice, line: InvoiceLine, client: XeroClientSettings
+) -> dict[str, Any]:
+    """One ``LineItem``: quantity 1 at the line's fee, its total stated so Xero checks it."""
+    amount = xero_amount(line.fee, invoice.currency)
+    item: dict[str, Any] = {
+        "Description": line.description,
+        "Quantity": Decimal(1),
+        "UnitAmount": amount,
+        "LineAmount": amount,
+        "AccountCode": client.account_code,
+    }
+    if client.tax_type:
+        item["TaxType"] = client.tax_type
+    return item
+
+
+def to_xero_invoice(
+    invoice: Invoice, client: XeroClientSettings, contact_id: str = "{contact_id}"
+) -> dict[str, Any]:
+    """``PUT /Invoices`` body: one ACCREC invoice for the contact, by ``ContactID`` only.
+
+    Args:
+        invoice: The invoice.
+        client: The client's Xero settings.
+        contact_id: The Xero contact, or the ``{contact_id}`` placeholder (dry run).
+
+    Returns:
+        The body, exactly as sent.
+
+    Raises:
+        AmountLimitError: A fee Xero cannot hold exactly.
+    """
+    # NOTE: a Contact given by Name alone that Xero does not know is created silently, so the
+    # invoice names its contact by ContactID and nothing else (PROVIDERS.md).
+    body: dict[str, Any] = {
+        "Type": "ACCREC",
+        "Contact": {"ContactID": contact_id},
+        "Date": _iso(invoice.issue_date),
+        "DueDate": _iso(invoice.due_date),
+        "LineAmountTypes": client.line_amount_types,
+        "InvoiceNumber": xero_invoice_number(invoice),
+        "Reference": invoice_reference(invoice),
+        "CurrencyCode": invoice.currency.upper(),
+        "Status": client.status,
+        "LineItems": [to_xero_line_item(invoice, line, client) for line in invoice.lines],
+    }
+    if client.branding_theme_id:
+        body["BrandingThemeID"] = client.branding_theme_id
+    return {"Invoices": [body]}
+
+
+def _iso(value: date) -> str:
+    # NOTE: Xero's JSON takes "YYYY-MM-DD" dates in requests (the spec's examples do); only
+    # responses use the "/Date(ms+0000)/" form.
+    return value.isoformat()
+
+
+def xero_total(invoice: Invoice) -> Decimal:
+    """The sum of the line amounts as Xero will hold them (equal to ``total_fee``)."""
+    return sum(
+        (xero_amount(line.fee, invoice.currency) for line in invoice.lines), start=Decimal(0)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The wire: exact JSON out, decimals in
+# --------------------------------------------------------------------------------------------
+
+
+def encode_json(value: Any) -> bytes:
+    """JSON with every :class:`Decimal` written as its exact decimal text (never a float).
+
+    Raises:
+        TypeError: A value JSON cannot carry, or a non-finite decimal.
+    """
+    return _encode(value).encode("utf-8")
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, Mapping):
+        items = (f"{json.dumps(str(k))}: {_encode(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_encode(v) for v in value) + "]"
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise TypeError(f"{value} cannot be sent as a JSON number")
+        return format(value, "f")
+    if value is None or isinstance(value, bool | int | str):
+        return json.dumps(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def decode_json(text: bytes | str) -> Any:
+    """Parse a Xero response, numbers with a fraction as :class:`Decimal` (exact)."""
+    return json.loads(text, parse_float=Decimal)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading Xero's answers
+# --------------------------------------------------------------------------------------------
+
+
+def element_errors(element: Mapping[str, Any]) -> list[str]:
+    """The validation messages of one element of a ``summarizeErrors=false`` answer."""
+    errors = element.get("ValidationErrors") or []
+    messages = [str(e.get("Message", "")).strip() for e in errors if isinstance(e, Mapping)]
+    messages = [m for m in messages if m]
+    flagged = element.get("HasErrors") or element.get("HasValidationErrors")
+    if flagged and not messages:
+        messages = ["Xero reported a validation error without a message"]
+    return messages
+
+
+def only_element(body: Any, collection: str) -> Mapping[str, Any]:
+    """The one element of ``body[collection]`` a single-element write returns.
+
+    Raises:
+        TerminalError: The answer does not hold exactly one element.
+    """
+    items = body.get(collection) if isinstance(body, Mapping) else None
+    if not isinstance(items, list) or len(items) != 1 or not isinstance(items[0], Mapping):
+        raise TerminalError(f"Xero answered without exactly one element in {collection}")
+    return items[0]
+
+
+def error_message(body: Any, fallback: str) -> tuple[str, str | None]:
+    """The message and code of a Xero error body (API error, problem details, OAuth error).
+
+    Returns:
+        ``(message, code)``; every validation message of every element is joined.
+    """
+    if isinstance(body, Mapping):
+        if "Elements" in body or "ErrorNumber" in body:
+            details = [m for el in body.get("Elements") or [] for m in element_errors(el)]
+            message = str(body.get("Message") or fallback)
+            if details:
+                message = f"{message}: " + "; ".join(details)
+            return message, (str(body["Type"]) if body.get("Type") else None)
+        if "Title" in body or "Detail" in body:
+            parts = [str(body[k]) for k in ("Title", "Detail") if body.get(k)]
+            return ": ".join(parts) or fallback, None
+        if "error" in body:
+            code = str(body["error"])
+            detail = body.get("error_description")
+            return (f"{code}: {detail}" if detail else code), code
+    return fallback, None
