@@ -518,3 +518,7 @@ def test_the_fake_runs_as_a_process() -> None:
         assert answer.status_code == 200 and b"<ns1:Session>" in answer.content
         state = requests.get(f"{url}/_fake/state", timeout=10).json()
         assert state["sessions"] == 1 and state["accounts"] == []
+        # What a crash test scripts: slow subscribe answers (after the work is done).
+        slow = {"preset": "delay", "operation": "subscribe", "seconds": 0.2, "after": True}
+        queued = requests.post(f"{url}/_fake/faults", json=slow, timeout=10).json()["faults"]
+        assert queued[0]["operation"] == "subscribe" and queued[0]["kind"] == "delay"

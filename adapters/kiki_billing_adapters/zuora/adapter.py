@@ -31,6 +31,7 @@ from kiki_billing.plugin import (
     StepContext,
     StepRequest,
     TerminalError,
+    TransientError,
 )
 
 from .errors import DUPLICATE_VALUE, INVALID_SESSION, ZuoraApiError, classify_zuora_error
@@ -339,16 +340,15 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
             if found is None:
                 raise
             return found
+        # NOTE: from here on the subscription exists: whatever is odd about it is reported by
+        # the verify step, so that `retry` never sends this step again under a new key (a new
+        # subscription name) and bills twice.
         refs = {
             SUBSCRIPTION_ID: str(result.SubscriptionId),
             SUBSCRIPTION_NAME: subscription_name(ctx.invoice, ctx.idempotency_key),
         }
-        if not result.InvoiceId:
-            raise TerminalError(
-                f"Zuora subscription {result.SubscriptionId} was created without an invoice "
-                "(is invoice generation allowed for the API user?)"
-            )
-        refs[INVOICE_ID] = str(result.InvoiceId)
+        if result.InvoiceId:
+            refs[INVOICE_ID] = str(result.InvoiceId)
         if result.InvoiceNumber:
             refs[INVOICE_NUMBER] = str(result.InvoiceNumber)
         if result.PaymentId:
@@ -356,7 +356,11 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
         return refs
 
     def _find_subscription(self, ctx: ZuoraContext, *, first: bool) -> Mapping[str, str] | None:
-        """The subscription of this delivery by its unique name, and the invoice it made."""
+        """The subscription of this delivery by its unique name, and the invoice it made.
+
+        Found without exactly one invoice, it is returned without one: the verify step then
+        fails and says so (this step is never sent again, see :meth:`_send_subscribe`).
+        """
         name = subscription_name(ctx.invoice, ctx.idempotency_key)
         found = self._query(ctx, subscription_query(name), first=first)
         if not found:
@@ -366,24 +370,25 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
         if account_id and str(subscription.AccountId) != account_id:
             raise TerminalError(
                 f"Zuora subscription {name} belongs to account {subscription.AccountId}, "
-                f"not {account_id}"
+                f"not {account_id}; was the client's account_number changed?"
             )
+        refs = {SUBSCRIPTION_ID: str(subscription.Id), SUBSCRIPTION_NAME: name}
         items = self._query(ctx, invoice_items_query(str(subscription.Id)), first=False)
-        invoices = sorted({str(item.InvoiceId) for item in items if item.InvoiceId})
-        if len(invoices) != 1:
-            raise TerminalError(
-                f"Zuora subscription {name} ({subscription.Id}) exists with "
-                f"{len(invoices) or 'no'} invoices instead of one; check it in Zuora"
-            )
-        return {
-            SUBSCRIPTION_ID: str(subscription.Id),
-            SUBSCRIPTION_NAME: name,
-            INVOICE_ID: invoices[0],
-        }
+        invoices = {str(item.InvoiceId) for item in items if item.InvoiceId}
+        if len(invoices) == 1:
+            refs[INVOICE_ID] = invoices.pop()
+        return refs
 
     # verify
 
     def _send_verify(self, ctx: ZuoraContext, request: StepRequest) -> Mapping[str, str]:
+        if not ctx.refs.get(INVOICE_ID):
+            raise TerminalError(
+                f"Zuora subscription {ctx.refs.get(SUBSCRIPTION_NAME)} "
+                f"({ctx.refs.get(SUBSCRIPTION_ID)}) has no single invoice of its own: check it "
+                "in Zuora (is invoice generation allowed for the API user?)",
+                code="no_invoice",
+            )
         results = self._call(ctx, request, first=True)
         records = list(getattr(results, "records", None) or [])
         if not records:
@@ -404,9 +409,8 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
                 f"Zuora invoice {refs[INVOICE_NUMBER] or refs[INVOICE_ID]} totals "
                 f"{invoice.Amount} {ctx.invoice.currency}, but invoice {ctx.invoice.number} "
                 f"totals {zuora_amount(expected, ctx.invoice.currency)} {ctx.invoice.currency}: "
-                "check the catalogue "
-                "charge (tax, other charges in its rate plan) and correct the Zuora invoice; "
-                "`kiki-billing retry` then checks it again",
+                "check the catalogue charge (tax, other charges in its rate plan) and correct "
+                "the Zuora invoice; `kiki-billing retry` then checks it again",
                 code="amount_mismatch",
             )
         return refs
@@ -463,7 +467,13 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
         transport = self.transport
         with self._login_lock:
             if self._login_refused is not None:
-                raise self._login_refused
+                refused = self._login_refused
+                raise TerminalError(
+                    f"{refused.message} (not tried again in this run)",
+                    request_id=refused.request_id,
+                    status=refused.status,
+                    code=refused.code,
+                )
             session = self._session
             if session is not None and self._clock() < session.renew_at:
                 return session, False
@@ -581,9 +591,9 @@ def _skip_activate(ctx: ZuoraContext) -> Mapping[str, str] | None:
 def _first_result(results: Any, operation: str) -> Any:
     items = list(results or [])
     if len(items) != 1:
-        raise ZuoraApiError(
-            f"expected one result, got {len(items)}", operation=operation, code=None
-        )
+        # An answer of another shape leaves the outcome unknown: retrying is safe (unique
+        # account numbers and subscription names), failing would make `retry` send anew.
+        raise TransientError(f"Zuora {operation} answered {len(items)} results for one request")
     return items[0]
 
 

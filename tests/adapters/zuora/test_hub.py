@@ -235,6 +235,27 @@ def test_retries_spent_then_a_new_run_looks_the_subscription_up(
     assert_billed_once(fake, inv.total_fee)
 
 
+def test_a_subscription_found_without_its_invoice_fails_verify_and_is_never_sent_again(
+    fake: FakeZuora, make_adapter: MakeAdapter, pusher: Pusher
+) -> None:
+    fake.inject_lost("subscribe")
+    inv = invoice()
+    [first] = pusher.push(make_adapter(), inv, attempts=1)
+    assert first.state is DeliveryState.DEFERRED
+    with fake.app.lock:  # someone deletes the invoice in Zuora meanwhile
+        fake.app.tenant.invoices.clear()
+        fake.app.tenant.invoice_items.clear()
+    for redrive in (False, True):
+        [outcome] = pusher.push(make_adapter(), inv, redrive=redrive)
+        assert outcome.state is DeliveryState.FAILED
+        assert outcome.error is not None and outcome.error.startswith(
+            f"verify: Zuora subscription {outcome.refs['subscription_name']} "
+            f"({outcome.refs['subscription_id']}) has no single invoice of its own"
+        )
+    assert len(calls(fake, "subscribe")) == 1
+    assert len(books(fake)["subscriptions"]) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # Sessions
 # --------------------------------------------------------------------------------------------
@@ -295,6 +316,8 @@ def test_wrong_credentials_fail_with_zuoras_reason_and_other_targets_go_on(
         assert failed.error is not None
         assert "Invalid login. User name and password do not match." in failed.error
         assert "wrong-password" not in failed.error
+    errors = sorted(str(by_target["zuora", inv.number].error) for inv in invoices)
+    assert ["not tried again in this run" in e for e in errors].count(True) == 1
     assert by_target["json", invoices[0].number].ok
     # One login attempt for the whole run: Zuora locks users after repeated failures.
     assert sum(fake.app.failed_logins.values()) == 1
