@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from kiki_billing.plugin import (
     BillingAdapter,
+    ConfigurationError,
     DeliveryError,
     Invoice,
     RateLimit,
@@ -97,6 +98,8 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
     requires = ("zeep", "lxml")
     client_refs = (ACCOUNT_ID, ACCOUNT_NUMBER, ACCOUNT_CURRENCY, ACCOUNT_STATUS, CONTACT_ID)
     defaults_tables = ()
+    # Zuora's published limits per tenant: 50,000 requests a minute, 20 invoice-creating calls
+    # at once (see wire.py).
     default_rate_limit: ClassVar[RateLimit] = RateLimit(
         (RateWindow(REQUESTS_PER_MINUTE, 60.0),), concurrency=CONCURRENCY
     )
@@ -114,8 +117,6 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
         self.wsdl = ZuoraWsdl.load(settings.wsdl)
         endpoint = settings.api_base or self.wsdl.address
         if not endpoint:
-            from kiki_billing.plugin import ConfigurationError
-
             raise ConfigurationError(
                 "adapter 'zuora': the WSDL has no soap:address; set KIKI_ZUORA_API_BASE"
             )
@@ -137,10 +138,6 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
         host = urlsplit(self.endpoint).netloc
         user = self.settings.username.get_secret_value()
         return f"{host}:user-{hashlib.sha256(user.encode()).hexdigest()[:12]}"
-
-    def published_rate_limit(self) -> RateLimit:
-        """50,000 requests a minute per tenant, 20 invoice-creating calls at once."""
-        return self.default_rate_limit
 
     # -- validation -------------------------------------------------------------------------
 

@@ -357,9 +357,6 @@ def make_transport() -> Any:
                 address, data=message, headers=headers, timeout=self.operation_timeout
             )
 
-        def load(self, url: str) -> bytes:
-            raise ConfigurationError(f"refusing to fetch {url}: the WSDL is read from a file")
-
     session = requests.Session()
     pooled = HTTPAdapter(pool_connections=4, pool_maxsize=64, max_retries=0)
     session.mount("https://", pooled)
