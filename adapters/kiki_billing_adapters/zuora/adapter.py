@@ -1,0 +1,619 @@
+"""The Zuora adapter: account, bill-to contact, activation, subscribe with invoice, verify.
+
+SOAP has no idempotency key and no call that creates an invoice with lines, so an invoice is
+delivered as a subscription of one-time charges (one per line, price overridden) whose
+subscribe() generates the invoice. Replays are made safe by unique natural keys: the
+AccountNumber, and a Subscription.Name derived from the hub's key, which Zuora refuses a second
+time (``DUPLICATE_VALUE``); the look-ups find both with query().
+
+``zeep`` is imported when the WSDL is loaded (at construction), so ``kiki-billing`` works
+without it as long as no Zuora target is configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from kiki_billing.plugin import (
+    BillingAdapter,
+    ConfigurationError,
+    DeliveryError,
+    Invoice,
+    RateLimit,
+    RateWindow,
+    Step,
+    StepContext,
+    StepRequest,
+    TerminalError,
+    TransientError,
+)
+
+from .errors import DUPLICATE_VALUE, INVALID_SESSION, ZuoraApiError, classify_zuora_error
+from .settings import ZuoraClientSettings, ZuoraSettings
+from .soap import Envelope, ZuoraWsdl, endpoint_path, make_transport
+from .wire import (
+    ACCOUNT_CURRENCY,
+    ACCOUNT_ID,
+    ACCOUNT_NUMBER,
+    ACCOUNT_STATUS,
+    ACTIVE,
+    CONCURRENCY,
+    CONTACT_ID,
+    DRAFT,
+    INVOICE_AMOUNT,
+    INVOICE_ID,
+    INVOICE_NUMBER,
+    INVOICE_STATUS,
+    MAX_ACCOUNT_NAME,
+    MAX_DESCRIPTION,
+    MAX_EMAIL,
+    MAX_LINES,
+    PAYMENT_ID,
+    REQUESTS_PER_MINUTE,
+    SUBSCRIPTION_ID,
+    SUBSCRIPTION_NAME,
+    account_number,
+    account_query,
+    account_status_query,
+    contact_query,
+    invoice_items_query,
+    invoice_query,
+    subscription_name,
+    subscription_query,
+    to_zuora_account,
+    to_zuora_activation,
+    to_zuora_contact,
+    to_zuora_subscribe,
+    zuora_amount,
+)
+
+ZuoraStep = Step[ZuoraClientSettings]
+ZuoraContext = StepContext[ZuoraClientSettings]
+# Log in again this long before the session's lifetime runs out (a call in flight must not
+# outlive it).
+SESSION_MARGIN = 60.0
+_LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@dataclass(frozen=True)
+class _Session:
+    id: str
+    address: str
+    renew_at: float
+
+
+class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
+    """Zuora invoices through SOAP subscribe() with one-time charges (zeep)."""
+
+    name = "zuora"
+    description = "Zuora Billing (SOAP: a subscription of one-time charges with its invoice)"
+    extra = "zuora"
+    requires = ("zeep", "lxml")
+    client_refs = (ACCOUNT_ID, ACCOUNT_NUMBER, ACCOUNT_CURRENCY, ACCOUNT_STATUS, CONTACT_ID)
+    defaults_tables = ()
+    # Zuora's published limits per tenant: 50,000 requests a minute, 20 invoice-creating calls
+    # at once (see wire.py).
+    default_rate_limit: ClassVar[RateLimit] = RateLimit(
+        (RateWindow(REQUESTS_PER_MINUTE, 60.0),), concurrency=CONCURRENCY
+    )
+
+    def __init__(
+        self,
+        settings: ZuoraSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(settings, **kwargs)
+        # The WSDL is parsed here, once per process: a bad KIKI_ZUORA_WSDL stops the run
+        # before anything is sent (ConfigurationError, exit code 2).
+        self.wsdl = ZuoraWsdl.load(settings.wsdl)
+        endpoint = settings.api_base or self.wsdl.address
+        if not endpoint:
+            raise ConfigurationError(
+                "adapter 'zuora': the WSDL has no soap:address; set KIKI_ZUORA_API_BASE"
+            )
+        self.endpoint: str = endpoint
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._login_lock = threading.Lock()
+        self._transport: Any | None = None
+        self._session: _Session | None = None
+        self._login_refused: DeliveryError | None = None
+        self.logins = 0
+        """Logins made (tests and logs)."""
+
+    # -- account and limits -----------------------------------------------------------------
+
+    @property
+    def account(self) -> str:
+        """The endpoint's host and a fingerprint of the user name (never the name itself)."""
+        host = urlsplit(self.endpoint).netloc
+        user = self.settings.username.get_secret_value()
+        return f"{host}:user-{hashlib.sha256(user.encode()).hexdigest()[:12]}"
+
+    # -- validation -------------------------------------------------------------------------
+
+    def validate(self, invoice: Invoice, client: ZuoraClientSettings) -> None:
+        """Refuse what Zuora would refuse, before any call.
+
+        Raises:
+            AmountLimitError: A fee finer than the currency's minor unit.
+            TerminalError: No line or more than 50, or a text over Zuora's field lengths.
+        """
+        if not invoice.lines:
+            raise TerminalError(f"invoice {invoice.number} has no lines")
+        if len(invoice.lines) > MAX_LINES:
+            raise TerminalError(
+                f"invoice {invoice.number} has {len(invoice.lines)} lines; a Zuora subscribe() "
+                f"takes at most {MAX_LINES} rate plans (one per line)",
+                code="too_many_lines",
+            )
+        for line in invoice.lines:
+            zuora_amount(line.fee, invoice.currency)
+            if len(line.description) > MAX_DESCRIPTION:
+                raise TerminalError(
+                    f"invoice {invoice.number} line {line.line_no}: description longer than "
+                    f"Zuora's {MAX_DESCRIPTION} characters"
+                )
+        if len(invoice.client_name) > MAX_ACCOUNT_NAME:
+            raise TerminalError(
+                f"client name longer than Zuora's {MAX_ACCOUNT_NAME} characters (Account.Name)"
+            )
+        if invoice.client_email and len(invoice.client_email) > MAX_EMAIL:
+            raise TerminalError(
+                f"client email longer than Zuora's {MAX_EMAIL} characters (Contact.WorkEmail)"
+            )
+        number = account_number(invoice, client)
+        if len(number) > 70:
+            raise TerminalError(
+                f"client id {invoice.client_id!r} is longer than Zuora's 70-character "
+                "AccountNumber; set account_number in [clients.zuora]"
+            )
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def steps(self, invoice: Invoice, client: ZuoraClientSettings) -> Sequence[ZuoraStep]:
+        """account, contact, activate, subscribe (with its invoice), verify."""
+        return [
+            Step(
+                "account",
+                request=lambda ctx: self._request(
+                    self.wsdl.create("Account", to_zuora_account(ctx.invoice, ctx.client))
+                ),
+                send=self._send_account,
+                lookup=self._lookup_account,
+                skip=_skip_account,
+            ),
+            Step(
+                "contact",
+                request=lambda ctx: self._request(
+                    self.wsdl.create(
+                        "Contact", to_zuora_contact(ctx.invoice, _ref(ctx, ACCOUNT_ID))
+                    )
+                ),
+                send=self._send_contact,
+                lookup=self._lookup_contact,
+                new_under="account",
+                skip=_skip_contact,
+            ),
+            Step(
+                "activate",
+                request=lambda ctx: self._request(
+                    self.wsdl.update(
+                        "Account",
+                        to_zuora_activation(_ref(ctx, ACCOUNT_ID), _ref(ctx, CONTACT_ID)),
+                    )
+                ),
+                send=self._send_activate,
+                lookup=self._lookup_activate,
+                new_under="contact",
+                skip=_skip_activate,
+            ),
+            Step(
+                "subscribe",
+                request=lambda ctx: self._request(
+                    self.wsdl.subscribe(
+                        to_zuora_subscribe(
+                            ctx.invoice,
+                            ctx.client,
+                            _ref(ctx, ACCOUNT_ID),
+                            subscription_name(ctx.invoice, ctx.idempotency_key),
+                        ),
+                        single_transaction=True,
+                    )
+                ),
+                send=self._send_subscribe,
+                lookup=self._lookup_subscribe,
+                new_under="account",
+            ),
+            Step(
+                "verify",
+                request=lambda ctx: self._request(
+                    self.wsdl.query(invoice_query(_ref(ctx, INVOICE_ID)))
+                ),
+                send=self._send_verify,
+            ),
+        ]
+
+    def _request(self, envelope: Envelope) -> StepRequest:
+        # NOTE: the session is masked in what a step builds (and --dry-run shows); send puts
+        # it in just before posting, every other byte as built.
+        return StepRequest(
+            "POST",
+            endpoint_path(self.endpoint),
+            {"operation": envelope.operation, "envelope": envelope.xml},
+            headers=dict(envelope.headers),
+        )
+
+    # account
+
+    def _lookup_account(self, ctx: ZuoraContext) -> Mapping[str, str] | None:
+        return self._find_account(ctx, first=True)
+
+    def _find_account(self, ctx: ZuoraContext, *, first: bool) -> Mapping[str, str] | None:
+        """The client's account by its AccountNumber (unique in a tenant)."""
+        number = account_number(ctx.invoice, ctx.client)
+        records = self._query(ctx, account_query(number), first=first)
+        return _account_refs(ctx.invoice, records[0]) if records else None
+
+    def _send_account(self, ctx: ZuoraContext, request: StepRequest) -> Mapping[str, str]:
+        try:
+            created = self._save(ctx, request, first=True)
+        except ZuoraApiError as exc:
+            # NOTE: AccountNumber is unique: a duplicate proves the account exists (made by an
+            # earlier attempt whose answer was lost, or by someone else); take it as found.
+            if exc.code != DUPLICATE_VALUE:
+                raise
+            found = self._find_account(ctx, first=False)
+            if found is None:
+                raise
+            return found
+        return {
+            ACCOUNT_ID: created,
+            ACCOUNT_NUMBER: account_number(ctx.invoice, ctx.client),
+            ACCOUNT_CURRENCY: ctx.invoice.currency.upper(),
+            ACCOUNT_STATUS: DRAFT,
+        }
+
+    # contact
+
+    def _lookup_contact(self, ctx: ZuoraContext) -> Mapping[str, str] | None:
+        records = self._query(ctx, contact_query(_ref(ctx, ACCOUNT_ID)), first=True)
+        if not records:
+            return None
+        return {CONTACT_ID: str(records[0].Id)}
+
+    def _send_contact(self, ctx: ZuoraContext, request: StepRequest) -> Mapping[str, str]:
+        return {CONTACT_ID: self._save(ctx, request, first=True)}
+
+    # activate
+
+    def _lookup_activate(self, ctx: ZuoraContext) -> Mapping[str, str] | None:
+        records = self._query(ctx, account_status_query(_ref(ctx, ACCOUNT_ID)), first=True)
+        if not records:
+            raise TerminalError(f"Zuora account {_ref(ctx, ACCOUNT_ID)} no longer exists")
+        status = str(records[0].Status or "")
+        if status == ACTIVE:
+            return {ACCOUNT_STATUS: ACTIVE}
+        if status != DRAFT:
+            raise TerminalError(
+                f"Zuora account {_ref(ctx, ACCOUNT_ID)} is {status or 'without a status'}; "
+                "only Draft and Active accounts are billed (reactivate it in Zuora, then retry)"
+            )
+        return None
+
+    def _send_activate(self, ctx: ZuoraContext, request: StepRequest) -> Mapping[str, str]:
+        self._save(ctx, request, first=True)
+        return {ACCOUNT_STATUS: ACTIVE}
+
+    # subscribe
+
+    def _lookup_subscribe(self, ctx: ZuoraContext) -> Mapping[str, str] | None:
+        return self._find_subscription(ctx, first=True)
+
+    def _send_subscribe(self, ctx: ZuoraContext, request: StepRequest) -> Mapping[str, str]:
+        currency = ctx.refs.get(ACCOUNT_CURRENCY)
+        if currency and currency != ctx.invoice.currency.upper():
+            raise _currency_error(ctx.invoice, _ref(ctx, ACCOUNT_ID), currency)
+        try:
+            results = self._call(ctx, request, first=True)
+            result = _first_result(results, "subscribe")
+            _raise_errors(result, "subscribe")
+        except ZuoraApiError as exc:
+            # NOTE: the subscription name is unique per tenant and derived from this step's
+            # key, so DUPLICATE_VALUE proves an earlier attempt (whose answer was lost) made
+            # it: find it and its invoice instead of failing or making a second one.
+            if exc.code != DUPLICATE_VALUE:
+                raise
+            found = self._find_subscription(ctx, first=False)
+            if found is None:
+                raise
+            return found
+        # NOTE: from here on the subscription exists: whatever is odd about it is reported by
+        # the verify step, so that `retry` never sends this step again under a new key (a new
+        # subscription name) and bills twice.
+        refs = {
+            SUBSCRIPTION_ID: str(result.SubscriptionId),
+            SUBSCRIPTION_NAME: subscription_name(ctx.invoice, ctx.idempotency_key),
+        }
+        if result.InvoiceId:
+            refs[INVOICE_ID] = str(result.InvoiceId)
+        if result.InvoiceNumber:
+            refs[INVOICE_NUMBER] = str(result.InvoiceNumber)
+        if result.PaymentId:
+            refs[PAYMENT_ID] = str(result.PaymentId)
+        return refs
+
+    def _find_subscription(self, ctx: ZuoraContext, *, first: bool) -> Mapping[str, str] | None:
+        """The subscription of this delivery by its unique name, and the invoice it made.
+
+        Found without exactly one invoice, it is returned without one: the verify step then
+        fails and says so (this step is never sent again, see :meth:`_send_subscribe`).
+        """
+        name = subscription_name(ctx.invoice, ctx.idempotency_key)
+        found = self._query(ctx, subscription_query(name), first=first)
+        if not found:
+            return None
+        subscription = found[0]
+        account_id = ctx.refs.get(ACCOUNT_ID)
+        if account_id and str(subscription.AccountId) != account_id:
+            raise TerminalError(
+                f"Zuora subscription {name} belongs to account {subscription.AccountId}, "
+                f"not {account_id}; was the client's account_number changed?"
+            )
+        refs = {SUBSCRIPTION_ID: str(subscription.Id), SUBSCRIPTION_NAME: name}
+        items = self._query(ctx, invoice_items_query(str(subscription.Id)), first=False)
+        invoices = {str(item.InvoiceId) for item in items if item.InvoiceId}
+        if len(invoices) == 1:
+            refs[INVOICE_ID] = invoices.pop()
+        return refs
+
+    # verify
+
+    def _send_verify(self, ctx: ZuoraContext, request: StepRequest) -> Mapping[str, str]:
+        if not ctx.refs.get(INVOICE_ID):
+            raise TerminalError(
+                f"Zuora subscription {ctx.refs.get(SUBSCRIPTION_NAME)} "
+                f"({ctx.refs.get(SUBSCRIPTION_ID)}) has no single invoice of its own: check it "
+                "in Zuora (is invoice generation allowed for the API user?)",
+                code="no_invoice",
+            )
+        results = self._call(ctx, request, first=True)
+        records = list(getattr(results, "records", None) or [])
+        if not records:
+            raise TerminalError(f"Zuora invoice {_ref(ctx, INVOICE_ID)} was not found")
+        invoice = records[0]
+        expected = ctx.invoice.total_fee
+        amount = _decimal(invoice.Amount)
+        refs = {
+            INVOICE_ID: str(invoice.Id),
+            INVOICE_NUMBER: str(invoice.InvoiceNumber or ""),
+            INVOICE_STATUS: str(invoice.Status or ""),
+            INVOICE_AMOUNT: "" if amount is None else format(amount, "f"),
+        }
+        if amount is None or amount != expected:
+            # NOTE: Zuora prices the charges itself (tax, other charges of the rate plan,
+            # rounding); an invoice that does not total ours must not be left unnoticed.
+            raise TerminalError(
+                f"Zuora invoice {refs[INVOICE_NUMBER] or refs[INVOICE_ID]} totals "
+                f"{invoice.Amount} {ctx.invoice.currency}, but invoice {ctx.invoice.number} "
+                f"totals {zuora_amount(expected, ctx.invoice.currency)} {ctx.invoice.currency}: "
+                "check the catalogue charge (tax, other charges in its rate plan) and correct "
+                "the Zuora invoice; `kiki-billing retry` then checks it again",
+                code="amount_mismatch",
+            )
+        return refs
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def _query(self, ctx: ZuoraContext, zoql: str, *, first: bool) -> list[Any]:
+        result = self._post(ctx, self.wsdl.query(zoql), first=first)
+        return list(getattr(result, "records", None) or [])
+
+    def _save(self, ctx: ZuoraContext, request: StepRequest, *, first: bool) -> str:
+        """Send a create/update step; the saved object's id."""
+        operation = str(request.payload["operation"])
+        result = _first_result(self._call(ctx, request, first=first), operation)
+        _raise_errors(result, operation)
+        return str(result.Id)
+
+    def _call(self, ctx: ZuoraContext, request: StepRequest, *, first: bool) -> Any:
+        envelope = Envelope(
+            str(request.payload["operation"]), str(request.payload["envelope"]), request.headers
+        )
+        return self._post(ctx, envelope, first=first)
+
+    def _post(self, ctx: ZuoraContext, envelope: Envelope, *, first: bool) -> Any:
+        """One request with a valid session; a login before it takes its own rate slot.
+
+        ``first``: the first request of the step's attempt (the hub reserved its slot);
+        every further request reserves one with ``ctx.throttle()``.
+        """
+        session, logged_in = self._current_session()
+        if logged_in or not first:
+            ctx.throttle()
+        try:
+            return self.wsdl.post(self.transport, session.address, envelope, session=session.id)
+        except ZuoraApiError as exc:
+            if exc.code == INVALID_SESSION:
+                self._drop_session(session)
+            raise
+
+    @property
+    def transport(self) -> Any:
+        """The zeep requests transport, made on first use."""
+        with self._lock:
+            if self._transport is None:
+                self._transport = make_transport()
+            return self._transport
+
+    def _current_session(self) -> tuple[_Session, bool]:
+        """The session to use, logging in first when there is none or it is about to expire.
+
+        A refused login is remembered: Zuora locks a user after repeated failed logins, so no
+        other delivery of this run tries the same credentials again.
+        """
+        transport = self.transport
+        with self._login_lock:
+            if self._login_refused is not None:
+                refused = self._login_refused
+                raise TerminalError(
+                    f"{refused.message} (not tried again in this run)",
+                    request_id=refused.request_id,
+                    status=refused.status,
+                    code=refused.code,
+                )
+            session = self._session
+            if session is not None and self._clock() < session.renew_at:
+                return session, False
+            try:
+                session_id, server_url = self.wsdl.post_login(
+                    transport,
+                    self.endpoint,
+                    self.settings.username.get_secret_value(),
+                    self.settings.password.get_secret_value(),
+                )
+            except ZuoraApiError as exc:
+                error = classify_zuora_error(exc)
+                if not error.retriable:
+                    self._login_refused = error.scrubbed(self.secrets())
+                raise
+            self.logins += 1
+            lifetime = self.settings.session_lifetime
+            self._session = _Session(
+                session_id,
+                self._address(server_url),
+                self._clock() + lifetime - min(SESSION_MARGIN, lifetime / 10),
+            )
+            return self._session, True
+
+    def _drop_session(self, failed: _Session) -> None:
+        # NOTE: INVALID_SESSION (expired or revoked): forget the session so the hub's one
+        # immediate retry (CredentialsExpired) logs in again; another thread may already have.
+        with self._login_lock:
+            if self._session is failed:
+                self._session = None
+
+    def _address(self, server_url: str | None) -> str:
+        """Where calls go after login.
+
+        NOTE: Zuora answers login with the ServerUrl of the tenant's own service (its data
+        center), to be used for every later call; we follow it when it is https. A local
+        KIKI_ZUORA_API_BASE (a fake, a proxy on this machine) stays authoritative, so tests and
+        recordings never leave the machine whatever ServerUrl says.
+        """
+        if urlsplit(self.endpoint).hostname in _LOCAL_HOSTS or not server_url:
+            return self.endpoint
+        parts = urlsplit(server_url)
+        if parts.scheme != "https" or not parts.hostname or parts.username or parts.password:
+            return self.endpoint
+        return server_url
+
+    def classify(self, error: Exception) -> DeliveryError:
+        """Zuora's codes, then HTTP rules; see :func:`classify_zuora_error`."""
+        return classify_zuora_error(error)
+
+    def close(self) -> None:
+        """Drop the HTTP session and the login session."""
+        with self._lock:
+            transport, self._transport = self._transport, None
+        with self._login_lock:
+            self._session = None
+        if transport is not None:
+            transport.session.close()
+
+
+def _ref(ctx: ZuoraContext, name: str) -> str:
+    """An id an earlier step recorded, or its ``{placeholder}`` (dry run)."""
+    return ctx.refs.get(name) or "{" + name + "}"
+
+
+def _account_refs(invoice: Invoice, record: Any) -> dict[str, str]:
+    currency = str(record.Currency or "")
+    if currency and currency.upper() != invoice.currency.upper():
+        raise _currency_error(invoice, str(record.Id), currency)
+    refs = {
+        ACCOUNT_ID: str(record.Id),
+        ACCOUNT_NUMBER: str(record.AccountNumber),
+        ACCOUNT_CURRENCY: currency.upper(),
+        ACCOUNT_STATUS: str(record.Status or ""),
+    }
+    if record.BillToId:
+        refs[CONTACT_ID] = str(record.BillToId)
+    return refs
+
+
+def _currency_error(invoice: Invoice, account_id: str, currency: str) -> TerminalError:
+    return TerminalError(
+        f"Zuora account {account_id} bills in {currency}, but invoice {invoice.number} is in "
+        f"{invoice.currency}; bill this client from an account in {invoice.currency} "
+        "(account_number in [clients.zuora])",
+        code="currency_mismatch",
+    )
+
+
+def _skip_account(ctx: ZuoraContext) -> Mapping[str, str] | None:
+    """The account a previous period found or made, if it is still the configured one."""
+    known = ctx.refs.get(ACCOUNT_ID)
+    wanted = account_number(ctx.invoice, ctx.client)
+    if not known or ctx.refs.get(ACCOUNT_NUMBER) != wanted:
+        return None
+    if ctx.refs.get(ACCOUNT_CURRENCY) != ctx.invoice.currency.upper():
+        return None  # the look-up reads the account's currency again (and refuses a mismatch)
+    return {
+        ACCOUNT_ID: known,
+        ACCOUNT_NUMBER: wanted,
+        ACCOUNT_CURRENCY: ctx.refs[ACCOUNT_CURRENCY],
+        **({ACCOUNT_STATUS: ctx.refs[ACCOUNT_STATUS]} if ctx.refs.get(ACCOUNT_STATUS) else {}),
+    }
+
+
+def _skip_contact(ctx: ZuoraContext) -> Mapping[str, str] | None:
+    known = ctx.refs.get(CONTACT_ID)
+    return {CONTACT_ID: known} if known else None
+
+
+def _skip_activate(ctx: ZuoraContext) -> Mapping[str, str] | None:
+    return {ACCOUNT_STATUS: ACTIVE} if ctx.refs.get(ACCOUNT_STATUS) == ACTIVE else None
+
+
+def _first_result(results: Any, operation: str) -> Any:
+    items = list(results or [])
+    if len(items) != 1:
+        # An answer of another shape leaves the outcome unknown: retrying is safe (unique
+        # account numbers and subscription names), failing would make `retry` send anew.
+        raise TransientError(f"Zuora {operation} answered {len(items)} results for one request")
+    return items[0]
+
+
+def _raise_errors(result: Any, operation: str) -> None:
+    """Raise the errors of a ``Success=false`` create/update/subscribe result."""
+    if result.Success:
+        return
+    errors = list(result.Errors or [])
+    codes = [str(e.Code) for e in errors if e.Code]
+    messages = [str(e.Message).strip() for e in errors if e.Message]
+    fields = [str(e.Field) for e in errors if getattr(e, "Field", None)]
+    raise ZuoraApiError(
+        "; ".join(messages) or "Success=false without a message",
+        operation=operation,
+        code=DUPLICATE_VALUE if DUPLICATE_VALUE in codes else (codes[0] if codes else None),
+        field=fields[0] if fields else None,
+    )
+
+
+def _decimal(value: Any) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        return None
