@@ -245,6 +245,38 @@ def show(
     run_show(invoice=invoice, json_output=json_output)
 
 
+@app.command()
+@reports_errors
+def connect(
+    target: Annotated[str, typer.Argument(help="The adapter to connect: quickbooks or xero.")],
+    port: Annotated[
+        int, typer.Option("--port", help="Port of the 127.0.0.1 redirect (0: any free one).")
+    ] = 8765,
+    redirect_path: Annotated[
+        str, typer.Option("--redirect-path", help="Path of the redirect URI.")
+    ] = "/callback",
+    no_browser: Annotated[
+        bool, typer.Option("--no-browser", help="Print the consent address only.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the consent (1-3600).")
+    ] = 300.0,
+) -> None:
+    """Authorize kiki-billing at an OAuth provider and store its first tokens in the ledger.
+
+    The redirect URI (http://127.0.0.1:PORT/callback) must be registered with the app.
+    """
+    from kiki_billing.cli_connect import run_connect
+
+    run_connect(
+        target=target,
+        port=port,
+        open_browser=not no_browser,
+        timeout=timeout,
+        redirect_path=redirect_path,
+    )
+
+
 @app.command("adapters")
 @reports_errors
 def list_adapters() -> None:

@@ -24,6 +24,7 @@ CLI = (
     "kiki_billing.__main__",
     "kiki_billing.cli",
     "kiki_billing.cli_compute",
+    "kiki_billing.cli_connect",
     "kiki_billing.cli_delivery",
     "kiki_billing.cli_support",
     "kiki_billing.audit_cli",
