@@ -392,7 +392,7 @@ def _dry_run(ledger: Ledger, plan: Plan, settings: HubSettings) -> None:
                 payload = json.dumps(dict(step.request.payload), sort_keys=True, default=str)
                 out.print(
                     f"  {step.name}: {step.action.value}: {step.request.method} "
-                    f"{step.request.path} Idempotency-Key {step.idempotency_key} {payload}",
+                    f"{step.request.path} {adapter.key_carrier} {step.idempotency_key} {payload}",
                     markup=False,
                     soft_wrap=True,
                 )

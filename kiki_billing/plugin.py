@@ -611,6 +611,9 @@ class BillingAdapter(ABC, Generic[SettingsT, ClientT]):
     defaults_tables: ClassVar[tuple[str, ...]] = ()
     """Tables of the contracts file (``exports.xero``) that give every client's defaults, in
     addition to ``[targets.<name>]``; only keys of the client settings model are taken."""
+    key_carrier: ClassVar[str] = "Idempotency-Key"
+    """How the hub's key travels to the provider, as ``--dry-run`` names it (``requestid``, a
+    unique name); the mechanism itself is the adapter's."""
     client_refs: ClassVar[tuple[str, ...]] = ()
     """Ids that belong to the client, not the invoice (``customer_id``): reused next period."""
     default_rate_limit: ClassVar[RateLimit] = RateLimit((RateWindow(10, 1.0),), concurrency=4)

@@ -98,6 +98,8 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
     requires = ("zeep", "lxml")
     client_refs = (ACCOUNT_ID, ACCOUNT_NUMBER, ACCOUNT_CURRENCY, ACCOUNT_STATUS, CONTACT_ID)
     defaults_tables = ()
+    # NOTE: SOAP has no idempotency header: the key rides in the unique Subscription.Name.
+    key_carrier = "key (in Subscription.Name)"
     # Zuora's published limits per tenant: 50,000 requests a minute, 20 invoice-creating calls
     # at once (see wire.py).
     default_rate_limit: ClassVar[RateLimit] = RateLimit(
