@@ -35,8 +35,10 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from email.utils import parsedate_to_datetime
+from enum import StrEnum
 from typing import (
     Any,
     ClassVar,
@@ -74,15 +76,20 @@ __all__ = [
     "MemoryCredentialStore",
     "NoClientSettings",
     "OAuthConnect",
+    "PaymentState",
     "RateLimit",
     "RateLimitedError",
     "RateWindow",
+    "RemoteInvoice",
     "SecretStr",
     "Step",
     "StepContext",
     "StepRequest",
     "TerminalError",
     "TransientError",
+    "WebhookEvent",
+    "WebhookRejected",
+    "WebhookSource",
     "classify_http_status",
     "currency_exponent",
     "format_money",
@@ -501,6 +508,112 @@ class OAuthConnect(Protocol):
 
 
 # --------------------------------------------------------------------------------------------
+# Reading back what the provider holds: payment states, invoices, webhooks
+# --------------------------------------------------------------------------------------------
+
+
+class PaymentState(StrEnum):
+    """Where an invoice stands at the provider, in the hub's words."""
+
+    DRAFT = "draft"
+    """Created but not issued to the customer yet."""
+    OPEN = "open"
+    """Issued; nothing paid yet."""
+    PARTLY_PAID = "partly_paid"
+    PAID = "paid"
+    PAYMENT_FAILED = "payment_failed"
+    """A collection attempt failed; still open."""
+    VOID = "void"
+    UNCOLLECTIBLE = "uncollectible"
+
+
+@dataclass(frozen=True)
+class RemoteInvoice:
+    """One invoice as the provider holds it (read-only), for status sync and reconciliation.
+
+    Attributes:
+        refs: The provider's ids (``invoice_id``, ...), as the adapter records them.
+        kiki_number: Our invoice number the object carries (metadata, DocNumber, ...).
+        kiki_revision: Our revision it carries, when the provider keeps one.
+        number: The provider's own invoice number, if any.
+        currency: ISO 4217, upper case.
+        total: The invoice total in the currency's major unit, as the provider computed it.
+        amount_paid: What has been paid of it.
+        state: Its payment state.
+        due_date: When it is due, if the provider keeps one.
+    """
+
+    refs: Mapping[str, str]
+    kiki_number: str | None
+    kiki_revision: int | None
+    number: str | None
+    currency: str
+    total: Decimal
+    amount_paid: Decimal
+    state: PaymentState
+    due_date: date | None = None
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    """One event a provider pushed, read from a verified webhook.
+
+    Attributes:
+        event_id: The provider's id of the event (stored once: a replay changes nothing).
+        event_type: The provider's name for it (``invoice.paid``, ``Invoice.Update``).
+        refs: The provider ids it names (``invoice_id``), to find the delivery in the ledger.
+        state: The payment state it reports, or ``None`` when it names ids only (QuickBooks,
+            Xero): the hub then reads the invoice with :meth:`BillingAdapter.remote_invoices`.
+        kiki_number: Our invoice number, when the event carries it.
+        kiki_revision: Our revision, when the event carries it.
+        occurred_at: When it happened at the provider.
+        account: The provider account it belongs to (realm, tenant), when it says.
+    """
+
+    event_id: str
+    event_type: str
+    refs: Mapping[str, str]
+    state: PaymentState | None = None
+    kiki_number: str | None = None
+    kiki_revision: int | None = None
+    occurred_at: datetime | None = None
+    account: str | None = None
+
+
+class WebhookRejected(Exception):
+    """A webhook that fails verification: a wrong signature, a stale timestamp, a bad body.
+
+    Args:
+        message: Why, for the log (never a secret).
+        status: The HTTP status the provider expects for this rejection (400, or 401 for
+            Xero's intent-to-receive check).
+    """
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+@runtime_checkable
+class WebhookSource(Protocol):
+    """An adapter that verifies and reads its provider's webhooks.
+
+    ``kiki-billing webhooks serve`` passes the raw body and headers of each request to
+    :meth:`webhook_events` with the secret from ``KIKI_<ADAPTER>_WEBHOOK_SECRET``.
+    """
+
+    def webhook_events(
+        self, headers: Mapping[str, str], body: bytes, secret: str, now: datetime
+    ) -> list[WebhookEvent]:
+        """Verify the signature on the raw body, then read its events (possibly none).
+
+        Raises:
+            WebhookRejected: The signature, timestamp or body does not verify.
+        """
+        ...
+
+
+# --------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------
 
@@ -661,6 +774,18 @@ class BillingAdapter(ABC, Generic[SettingsT, ClientT]):
 
     def close(self) -> None:
         """Release SDK resources (sessions); called once after a push."""
+
+    def remote_invoices(self, invoice: Invoice, refs: Mapping[str, str]) -> list[RemoteInvoice]:
+        """Read-only: every object the provider holds for this invoice number and revision.
+
+        One is expected; none means it is gone upstream; more than one is a duplicate. Used
+        to sync payment states and to reconcile. Makes as few requests as it can (``refs`` are
+        the ids the ledger recorded for the delivery).
+
+        Raises:
+            NotImplementedError: The adapter cannot read its provider back.
+        """
+        raise NotImplementedError(f"adapter {self.name!r} cannot read invoices back")
 
     # What the hub owns -----------------------------------------------------------------------
 
