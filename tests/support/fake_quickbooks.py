@@ -22,9 +22,10 @@ At least as strict as QBO:
   working once a new one is issued (``invalid_grant``);
 - ``requestid`` (at most 50 characters) on POSTs: the first result per company and id is kept
   for ``key_lifetime`` (a day by default; Intuit documents no window) and replayed;
-- Intuit's published limits per company: 10 requests/s and 500/min as sliding windows, 10 in
-  flight; a 429 carries the ThrottleExceeded fault (3001) as JSON or, as QBO sometimes does,
-  as XML (``throttle_format``: ``json``, ``xml`` or ``alternate``);
+- Intuit's published limits per company (its API calls; the token endpoint is another host):
+  10 requests/s and 500/min as sliding windows, 10 in flight; a 429 carries the
+  ThrottleExceeded fault (3001) as JSON or, as QBO sometimes does, as XML (``throttle_format``:
+  ``json``, ``xml`` or ``alternate``);
 - every answer carries an ``intuit_tid`` header; faults are ``{"Fault": {"Error": [{"Message",
   "Detail", "code", "element"}], "type"}, "time"}``; injected 5xx can be JSON, XML or HTML.
 
@@ -47,6 +48,7 @@ import random
 import re
 import string
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -55,6 +57,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
 from .fake_provider import (
+    Admission,
     FakeProvider,
     FakeProviderApp,
     FakeResponse,
@@ -62,6 +65,7 @@ from .fake_provider import (
     IdempotencyEntry,
     ProviderError,
     ProviderRequest,
+    RateLimiter,
     RateLimits,
     Rejection,
     Route,
@@ -799,6 +803,23 @@ def token(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
 # ============================================================================================
 
 
+class RealmLimiter(RateLimiter):
+    """Intuit's limits count a company's API calls; the OAuth server is another host."""
+
+    def __init__(self, limits: RateLimits, clock: Any) -> None:
+        super().__init__(limits, clock)
+        self.exempt = threading.local()
+
+    def admit(self) -> Admission:
+        if getattr(self.exempt, "on", False):
+            return Admission(self.clock())
+        return super().admit()
+
+    def release(self) -> None:
+        if not getattr(self.exempt, "on", False):
+            super().release()
+
+
 class FakeQuickBooksApp(FakeProviderApp):
     """QuickBooks Online's v3 JSON API and Intuit's token endpoint, without HTTP."""
 
@@ -844,6 +865,7 @@ class FakeQuickBooksApp(FakeProviderApp):
         **settings: Any,
     ) -> None:
         super().__init__(**settings)
+        self.limiter = RealmLimiter(self.limiter.limits, self.clock)
         self.realm = realm
         self.client_id = client_id
         self.client_secret = client_secret
@@ -1062,7 +1084,9 @@ class FakeQuickBooksApp(FakeProviderApp):
     def rate_limited(self, request: ProviderRequest, rejection: Rejection) -> FakeResponse:
         return self._throttle_response(None)
 
-    def _throttle_response(self, body: str | None) -> FakeResponse:
+    def _throttle_response(
+        self, body: str | None, headers: Mapping[str, str] | None = None
+    ) -> FakeResponse:
         form = body or self.throttle_format
         if form == "alternate":
             with self.lock:
@@ -1070,10 +1094,18 @@ class FakeQuickBooksApp(FakeProviderApp):
                 form = "xml" if self._throttles % 2 == 0 else "json"
         if form == "xml":
             return FakeResponse(
-                429, throttle_xml(intuit_time(self.clock())), content_type="application/xml"
+                429,
+                throttle_xml(intuit_time(self.clock())),
+                dict(headers or {}),
+                content_type="application/xml",
             )
         return QuickBooksFault(
-            429, THROTTLE_MESSAGE, detail=THROTTLE_DETAIL, code="3001", fault_type="SERVICE"
+            429,
+            THROTTLE_MESSAGE,
+            detail=THROTTLE_DETAIL,
+            code="3001",
+            fault_type="SERVICE",
+            headers=headers,
         ).response()
 
     def render_error(
@@ -1085,7 +1117,7 @@ class FakeQuickBooksApp(FakeProviderApp):
         headers: Mapping[str, str] | None = None,
     ) -> FakeResponse:
         if status == 429:
-            return self._throttle_response(None)
+            return self._throttle_response(None, headers)
         if status == 401:
             return authentication_failed(message).response()
         fault_type = "SystemFault" if status >= 500 else "ValidationFault"
@@ -1101,7 +1133,7 @@ class FakeQuickBooksApp(FakeProviderApp):
     def render_fault(self, fault: Fault) -> FakeResponse:
         body = getattr(fault, "body", "json")
         if fault.status == 429:
-            return self._throttle_response(None if body == "json" else body)
+            return self._throttle_response(None if body == "json" else body, fault.headers)
         if fault.status >= 500 and body == "html":
             page = (
                 "<!DOCTYPE html><html><head><title>503 Service Temporarily Unavailable</title>"
@@ -1144,7 +1176,11 @@ class FakeQuickBooksApp(FakeProviderApp):
                 "client_secret": self.client_secret,
             }
             return FakeResponse(200, tokens)
-        return super().handle(method, target, headers, body)
+        self.limiter.exempt.on = target.split("?")[0] == TOKEN_PATH
+        try:
+            return super().handle(method, target, headers, body)
+        finally:
+            self.limiter.exempt.on = False
 
 
 class FakeQuickBooks(FakeProvider[FakeQuickBooksApp]):
