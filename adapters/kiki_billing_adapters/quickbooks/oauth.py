@@ -9,9 +9,13 @@ refresh token, and a process killed after the store never strands the account.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +42,47 @@ SCOPE = "com.intuit.quickbooks.accounting"
 TOKEN_TIMEOUT = (10.0, 30.0)
 """Connect and read timeouts of the token endpoint; well under the store's 60 s lock lease."""
 
+HOST_LOCK_WAIT = 120.0
+"""Seconds to wait for another process of this host refreshing the same account."""
+
 log = structlog.get_logger("kiki_billing.adapters.quickbooks")
+
+
+@contextlib.contextmanager
+def host_lock(account: str, wait: float = HOST_LOCK_WAIT) -> Iterator[None]:
+    """An exclusive lock on ``account`` among the processes of this host (``flock``).
+
+    NOTE: the hub's credential store locks the account in the ledger, but its owner name
+    (``host:pid:start:thread``) is read back by ``owner_is_dead`` as a process of this host
+    that no longer runs, so another process on the same host takes the lock at once and both
+    refresh (spending the single-use refresh token). Until that is fixed in the core, this
+    lock keeps same-host processes apart; processes on other hosts are kept apart by the
+    ledger's lock, which treats their holders as alive until the lease runs out.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: the ledger's lock alone
+        yield
+        return
+    digest = hashlib.sha256(f"kiki-billing quickbooks {account}".encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"kiki-billing-{digest}.lock")
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"QuickBooks account {account}: another process has been refreshing "
+                        "its token for too long"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 @cache
@@ -162,7 +206,8 @@ class TokenKeeper:
         stored = self._store().load()
         if not self._needs_refresh(stored):
             return self._remember(stored)
-        return self._remember(self._store().update(self._refresh_unless_done))
+        with host_lock(self.settings.account_id):
+            return self._remember(self._store().update(self._refresh_unless_done))
 
     def refused(self, token: str) -> None:
         """QuickBooks answered 401 to ``token``: the next request refreshes it first."""
@@ -183,7 +228,8 @@ class TokenKeeper:
         values = granted(client, self._clock(), self.settings.seed_fingerprint())
         with self._lock:
             self._seen.update((values[ACCESS_TOKEN], values[REFRESH_TOKEN]))
-        self._remember(self._store().update(lambda _current: values))
+        with host_lock(self.settings.account_id):
+            self._remember(self._store().update(lambda _current: values))
 
     # Internals ------------------------------------------------------------------------------
 
