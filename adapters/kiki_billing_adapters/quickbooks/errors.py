@@ -146,7 +146,9 @@ def _xml_fault(text: str) -> IntuitFault | None:
 def _html_fault(text: str) -> IntuitFault:
     title = _xml_text("title", text) or _xml_text("h1", text)
     plain = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", title or text)).strip()
-    return IntuitFault(_shorten(html.unescape(plain)) or "an HTML page")
+    # NOTE: a gateway page may carry the throttle in its text only.
+    code = THROTTLE_CODE if re.search(r"ThrottleExceeded|errorCode=003001", text) else None
+    return IntuitFault(_shorten(html.unescape(plain)) or "an HTML page", code=code)
 
 
 def _shorten(text: str) -> str:
@@ -249,9 +251,11 @@ def _classify_api_error(error: Any, authorization: bool) -> DeliveryError:
     if status == 429 or fault.throttled:
         wait = retry_after if retry_after is not None else THROTTLE_WAIT
         return RateLimitedError(message, retry_after=wait, **details)
-    if status is not None and (status >= 500 or status in (408, 409, 425)):
+    if status is not None and status >= 500:
         wait = retry_after if retry_after is not None else THROTTLE_WAIT
         return TransientError(message, retry_after=wait, **details)
+    if status in (408, 409, 425):  # a timeout, or the same requestid still in progress
+        return TransientError(message, retry_after=retry_after, **details)
     number = int(code) if code and code.isdigit() else None
     # NOTE: Intuit's error-code ranges (developer.intuit.com "Error codes"): 610 object not
     # found; 2000-4999 validation (2050 string length, 2500 invalid reference); 5000-5999

@@ -42,14 +42,11 @@ SCOPE = "com.intuit.quickbooks.accounting"
 TOKEN_TIMEOUT = (10.0, 30.0)
 """Connect and read timeouts of the token endpoint; well under the store's 60 s lock lease."""
 
-HOST_LOCK_WAIT = 120.0
-"""Seconds to wait for another process of this host refreshing the same account."""
-
 log = structlog.get_logger("kiki_billing.adapters.quickbooks")
 
 
 @contextlib.contextmanager
-def host_lock(account: str, wait: float = HOST_LOCK_WAIT) -> Iterator[None]:
+def host_lock(account: str) -> Iterator[None]:
     """An exclusive lock on ``account`` among the processes of this host (``flock``).
 
     NOTE: the hub's credential store locks the account in the ledger, but its owner name
@@ -64,22 +61,18 @@ def host_lock(account: str, wait: float = HOST_LOCK_WAIT) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX: the ledger's lock alone
         yield
         return
+    user = os.getuid() if hasattr(os, "getuid") else 0
     digest = hashlib.sha256(f"kiki-billing quickbooks {account}".encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"kiki-billing-{digest}.lock")
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    path = os.path.join(tempfile.gettempdir(), f"kiki-billing-{user}-{digest}.lock")
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"QuickBooks account {account}: another process has been refreshing "
-                        "its token for too long"
-                    ) from None
-                time.sleep(0.05)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # an unwritable temporary directory: the ledger's lock alone
+        yield
+        return
+    try:
+        # Blocks while another process refreshes: its token request times out within
+        # TOKEN_TIMEOUT, and the lock goes with the process if it dies.
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
     finally:
         os.close(descriptor)  # releases the lock

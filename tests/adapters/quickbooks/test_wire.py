@@ -531,3 +531,24 @@ def test_parse_fault_reads_every_shape() -> None:
     assert parse_fault('{"error":"invalid_grant"}').message == "invalid_grant"  # type: ignore[union-attr]
     assert parse_fault("") is None and parse_fault("{}") is None
     assert parse_fault("Bad Gateway").message == "Bad Gateway"  # type: ignore[union-attr]
+
+
+def test_the_same_requestid_in_progress_is_retried_without_the_60_s_wait(
+    fake: FakeQuickBooks, adapter: QuickBooksAdapter
+) -> None:
+    fake.inject_error("POST", QUERY, status=409, code="6000", message="in progress")
+    error = classified(adapter, raised(adapter))
+    assert type(error) is TransientError and error.retry_after is None
+
+
+def test_a_throttle_in_an_html_page_is_a_throttle() -> None:
+    page = (
+        "<html><head><title>Error</title></head><body>message=ThrottleExceeded; "
+        "errorCode=003001; statusCode=429</body></html>"
+    )
+    from quickbooks.exceptions import QuickbooksException
+
+    raised = QuickbooksException(f"Error returned with status code '400': {page}", 10000)
+    error = classify_quickbooks_error(raised)
+    assert isinstance(error, RateLimitedError) and error.retry_after == 60.0
+    assert error.status == 400 and error.code == "3001"
