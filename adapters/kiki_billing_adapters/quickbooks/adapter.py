@@ -2,9 +2,9 @@
 
 Requests go through python-quickbooks' client (URLs, ``minorversion``, ``requestid``, Intuit's
 fault codes) with its JSON built here, so what is sent is exactly what ``--dry-run`` shows; the
-SDK's object models are not used, as their ``to_json`` adds defaults (``TotalAmt: ""``,
-``PrintStatus``, ``ExchangeRate: 1``, ...) that the XSD or QBO would refuse. Tokens come from
-intuit-oauth (see ``oauth.py``). Both are imported only when a request is sent.
+SDK's object models are not used: their ``to_json`` adds defaults the XSD refuses (``TotalAmt:
+""``, ``DueDate: ""``) and others we do not mean to set (``PrintStatus``, ``AllowIPNPayment``).
+Tokens come from intuit-oauth (see ``oauth.py``). Both are imported only when a request is sent.
 """
 
 from __future__ import annotations
