@@ -757,6 +757,16 @@ class BillingAdapter(ABC, Generic[SettingsT, ClientT]):
         """The provider's published limit for :attr:`account` (default: the class's)."""
         return self.default_rate_limit
 
+    def check_ready(self) -> None:
+        """Refuse to start when the account cannot work at all, before anything is sent.
+
+        Called once per run after :attr:`credentials` is bound, e.g. to find that no OAuth
+        refresh token is set or stored.
+
+        Raises:
+            ConfigurationError: Naming the variable (never its value) or the command to run.
+        """
+
     def validate(self, invoice: Invoice, client: ClientT) -> None:
         """Refuse an invoice the provider cannot take, before any call.
 

@@ -120,6 +120,7 @@ def create_adapter(
     if credentials is not None:
         adapter.credentials = credentials(name, adapter.account)
     register_secrets(adapter.secrets())
+    adapter.check_ready()
     return adapter
 
 

@@ -316,3 +316,36 @@ def test_a_very_long_file_target_folder_is_stored_whole(workspace: Path) -> None
     status = run(["status", "--json"])
     (row,) = json.loads(status.stdout)
     assert row["account"] == str(deep.resolve())
+
+
+@pytest.mark.parametrize(
+    ("target", "env"),
+    [
+        (
+            "quickbooks",
+            {
+                "KIKI_QUICKBOOKS_CLIENT_ID": "client",
+                "KIKI_QUICKBOOKS_CLIENT_SECRET": "secret-value",
+                "KIKI_QUICKBOOKS_REALM_ID": "1234567890",
+            },
+        ),
+        (
+            "xero",
+            {
+                "KIKI_XERO_CLIENT_ID": "0123456789ABCDEF0123456789ABCDEF",
+                "KIKI_XERO_CLIENT_SECRET": "secret-value",
+                "KIKI_XERO_TENANT_ID": "6f1c2a9e-4b7d-4c1e-9a3f-2d5e8b0c7a14",
+            },
+        ),
+    ],
+)
+def test_an_oauth_target_without_any_refresh_token_stops_before_sending(
+    workspace: Path, target: str, env: dict[str, str]
+) -> None:
+    (workspace / "contracts.toml").write_text(
+        f'[[clients]]\nid = "acme"\nname = "Acme Corp"\ntargets = ["{target}"]\n'
+    )
+    result = run(PUSH, env=env)
+    assert_clean_error(result, f"KIKI_{target.upper()}_REFRESH_TOKEN is not set", "connect")
+    assert "secret-value" not in result.stderr
+    assert_nothing_written(workspace)

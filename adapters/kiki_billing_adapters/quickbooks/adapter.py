@@ -217,6 +217,19 @@ class QuickBooksAdapter(BillingAdapter[QuickBooksSettings, QuickBooksClientSetti
 
     # -- validation -------------------------------------------------------------------------
 
+    def check_ready(self) -> None:
+        """A refresh token must be set or stored, or no request can be authorized.
+
+        Raises:
+            ConfigurationError: Neither ``KIKI_QUICKBOOKS_REFRESH_TOKEN`` nor a stored token.
+        """
+        if self.settings.refresh_token is None and not self.credentials.load().get("refresh_token"):
+            raise ConfigurationError(
+                f"adapter {self.name!r}: KIKI_QUICKBOOKS_REFRESH_TOKEN is not set and no token "
+                f"is stored: run `kiki-billing connect {self.name}`, or set "
+                f"KIKI_QUICKBOOKS_REFRESH_TOKEN"
+            )
+
     def validate(self, invoice: Invoice, client: QuickBooksClientSettings) -> None:
         """Refuse what QuickBooks would refuse, before any call.
 
