@@ -67,7 +67,8 @@ class StripeSettings(AdapterSettings):
         if self.account:
             return f"{mode}:{self.account}"
         digest = hashlib.sha256(self.api_key.get_secret_value().encode()).hexdigest()[:12]
-        return f"{mode}:key-{digest}"
+        # NOTE: the form of earlier ledgers ("test:" + 12 hex digits), so they keep matching.
+        return f"{mode}:{digest}"
 
 
 class StripeClientSettings(ClientSettings):
