@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import structlog
 
@@ -118,6 +118,19 @@ def step_key(invoice: Invoice, target: str, step: str, prior: StepRecord | None)
     if prior.state is DeliveryState.FAILED:
         return idempotency_key(invoice.number, invoice.revision, target, step, prior.attempts)
     return prior.idempotency_key
+
+
+def done(prior: StepRecord | None) -> TypeGuard[StepRecord]:
+    """A step recorded as delivered from a fact upstream (sent or found), to be reused.
+
+    A step that had nothing to send (a configured customer, say) is not a fact: it is decided
+    again from the current settings, so a corrected setting and ``retry`` take effect.
+    """
+    return (
+        prior is not None
+        and prior.state is DeliveryState.DELIVERED
+        and prior.origin is not StepOrigin.SKIPPED
+    )
 
 
 def should_look_up(step: Step[Any], prior: StepRecord | None, created: set[str]) -> bool:
@@ -311,7 +324,8 @@ class DeliveryRunner:
     ) -> DeliveryOutcome:
         invoice = delivery.invoice
         refs = self.ledger.client_refs(adapter.name, delivery.account, invoice.client_id)
-        refs.update(record.refs)
+        # Ids come from facts: the client's kept ids, then each step recorded as sent or found.
+        # A step skipped for a setting is decided again with today's settings.
         # The first claim of a delivery has no steps recorded: no need to read them.
         recorded = {} if first_claim else self.ledger.steps(record.id)
         created = {name for name, r in recorded.items() if r.origin is StepOrigin.SENT}
@@ -327,7 +341,7 @@ class DeliveryRunner:
             for step in adapter.steps(invoice, delivery.client):
                 step_name = step.name
                 prior = recorded.get(step.name)
-                if prior is not None and prior.state is DeliveryState.DELIVERED:
+                if done(prior):
                     refs.update(prior.refs)
                     continue
                 key = step_key(invoice, delivery.target, step.name, prior)
@@ -459,8 +473,6 @@ class DeliveryRunner:
             return Preview(delivery, state, "would fail: " + conflict, [], conflict=conflict)
         refs = self.ledger.client_refs(adapter.name, delivery.account, invoice.client_id)
         recorded = self.ledger.steps(existing.id) if existing else {}
-        if existing:
-            refs.update(existing.refs)
         verdict = {
             None: "new: would send",
             DeliveryState.PENDING: "pending: would send",
@@ -475,7 +487,7 @@ class DeliveryRunner:
         for step in adapter.steps(invoice, delivery.client):
             prior = recorded.get(step.name)
             key = step_key(invoice, delivery.target, step.name, prior)
-            if prior is not None and prior.state is DeliveryState.DELIVERED:
+            if done(prior):
                 refs.update(prior.refs)
                 planned.append(PlannedStep(step.name, key, StepAction.DONE, None, prior.refs))
                 continue

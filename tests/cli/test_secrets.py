@@ -122,3 +122,24 @@ def test_a_failing_push_shows_no_secret_anywhere(
     for command in (["status"], ["status", "--json"]):
         shown = CliRunner().invoke(app, command)
         assert_no_secret(shown.stdout + shown.stderr)
+
+
+def test_retry_takes_the_fixed_contracts_file(month: Path, fake: FakeStripe) -> None:
+    contracts = month / "contracts.toml"
+    contracts.write_text(
+        '[[clients]]\nid = "acme"\nname = "Acme Corp"\ntargets = ["stripe"]\n'
+        '[clients.stripe]\ncustomer = "cus_NoSuchCustomer"\n'
+    )
+    (month / "metrics.csv").write_text(
+        "client_id,campaign_id,spend,ltv,period\nacme,campaign_001,36000.00,130090.00,2026-01\n"
+    )
+    first = push()
+    assert first.exit_code == 1 and "No such customer" in first.stderr
+    # The operator fixes the contract (the customer was wrong): retry plans with the fix.
+    contracts.write_text('[[clients]]\nid = "acme"\nname = "Acme Corp"\ntargets = ["stripe"]\n')
+    retried = CliRunner().invoke(app, ["retry", "--contracts", str(contracts)])
+    assert retried.exit_code == 0, retried.stdout + retried.stderr
+    assert "1 delivered" in retried.stdout
+    (invoice,) = fake.state()["invoices"]
+    assert invoice["customer"] != "cus_NoSuchCustomer"
+    assert CliRunner().invoke(app, ["status"]).exit_code == 0
