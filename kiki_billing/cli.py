@@ -6,6 +6,7 @@ Only typer is imported at start-up; each command imports what it needs when it r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +32,13 @@ app = typer.Typer(
 )
 
 
+def _log_level(value: str | None) -> str | None:
+    if value is not None:
+        # Read by every command's logging set-up (as KIKI_LOG_LEVEL is), checked there.
+        os.environ["KIKI_LOG_LEVEL"] = value
+    return value
+
+
 @app.callback()
 def _main(
     version: Annotated[
@@ -39,6 +47,14 @@ def _main(
             "--version", callback=_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level",
+            callback=_log_level,
+            help="DEBUG, INFO, WARNING (default) or ERROR; also KIKI_LOG_LEVEL.",
+        ),
+    ] = None,
 ) -> None:
     """Compute outcome-based profit-share invoices and deliver them to billing systems."""
 

@@ -226,15 +226,23 @@ class DeliveryRunner:
 
     # Calls through the limiter and the retry policy -----------------------------------------
 
-    def call(self, adapter: BillingAdapter[Any, Any], call: Callable[[], T], logger: Any) -> T:
-        """One provider request: a concurrency and a rate slot per attempt, retried as due."""
+    def call(
+        self, adapter: BillingAdapter[Any, Any], call: Callable[[], T], logger: Any
+    ) -> tuple[T, int]:
+        """One provider request: a concurrency and a rate slot per attempt, retried as due.
+
+        Returns:
+            What the call returned, and the attempt it took (1 when the first one worked).
+        """
         limiter = self.machinery.limiter(adapter)
+        attempts = [0]
 
         def attempt() -> T:
             with limiter.request():
                 return call()
 
         def before_attempt(number: int) -> None:
+            attempts[0] = number
             if number > 1:
                 logger.info("step.attempt", attempt=number)
 
@@ -247,7 +255,7 @@ class DeliveryRunner:
         def on_retry(error: DeliveryError, number: int, wait: float) -> None:
             logger.warning("step.retry", attempt=number, wait=round(wait, 3), error=str(error))
 
-        return run_with_retry(
+        result = run_with_retry(
             attempt,
             adapter.classify_error,
             self.policy,
@@ -256,6 +264,7 @@ class DeliveryRunner:
             throttled=throttled,
             sleep=self.sleep,
         )
+        return result, attempts[0]
 
     # Push -----------------------------------------------------------------------------------
 
@@ -329,7 +338,14 @@ class DeliveryRunner:
         # The first claim of a delivery has no steps recorded: no need to read them.
         recorded = {} if first_claim else self.ledger.steps(record.id)
         created = {name for name, r in recorded.items() if r.origin is StepOrigin.SENT}
-        logger = log.bind(invoice=invoice.number, target=delivery.target, client=invoice.client_id)
+        logger = log.bind(
+            invoice=invoice.number,
+            revision=invoice.revision,
+            target=delivery.target,
+            account=delivery.account,
+            client=invoice.client_id,
+            delivery_attempt=record.attempts + 1,
+        )
         limiter = self.machinery.limiter(adapter)
         # Step results wait here and are committed with the next step's start (or the end of
         # the delivery): one transaction per step instead of two.
@@ -360,20 +376,23 @@ class DeliveryRunner:
                 if found is None and should_look_up(step, prior, created):
                     lookup = step.lookup
                     assert lookup is not None
-                    found = self.call(adapter, functools.partial(lookup, ctx), step_log)
+                    found, tries = self.call(adapter, functools.partial(lookup, ctx), step_log)
                     origin = StepOrigin.FOUND
                     if found is not None:
-                        step_log.info("step.found_upstream", refs=dict(found))
+                        step_log.info("step.found_upstream", attempt=tries, refs=dict(found))
                 if found is None:
                     _check_resolved(step.name, request)
                     pending.append(StepWrite.started(step.name, key, new=not has_row))
                     self._flush(record.id, adapter, delivery, pending, keep)
                     has_row = True
                     send = step.send
-                    found = self.call(adapter, functools.partial(send, ctx, request), step_log)
+                    sent, tries = self.call(
+                        adapter, functools.partial(send, ctx, request), step_log
+                    )
+                    found = sent
                     origin = StepOrigin.SENT
                     created.add(step.name)
-                    step_log.info("step.sent", refs=dict(found))
+                    step_log.info("step.sent", attempt=tries, refs=dict(found))
                 pending.append(
                     StepWrite(
                         step.name,
