@@ -200,3 +200,15 @@ def test_a_version_1_ledger_is_upgraded_with_its_history(url: str) -> None:
     reopened = Ledger(url)
     assert len(reopened.deliveries()) == 2
     reopened.close()
+
+
+def test_a_column_added_to_the_schema_is_added_to_an_existing_ledger(url: str) -> None:
+    Ledger(url).close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE delivery_steps DROP COLUMN origin"))
+    engine.dispose()
+    ledger = Ledger(url)
+    columns = {c["name"] for c in sa.inspect(ledger.engine).get_columns("delivery_steps")}
+    assert "origin" in columns
+    ledger.close()

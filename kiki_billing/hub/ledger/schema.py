@@ -156,6 +156,8 @@ def create_or_migrate(conn: sa.Connection) -> None:
     existing = set(inspector.get_table_names())
     if "deliveries" in existing and "kiki_meta" not in existing:
         _migrate_v1(conn, inspector)
+        inspector = sa.inspect(conn)
+    _add_missing_columns(conn, inspector, existing)
     metadata.create_all(conn)
     version = conn.execute(
         sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
@@ -169,15 +171,34 @@ def create_or_migrate(conn: sa.Connection) -> None:
         )
 
 
+def _add_missing_columns(conn: sa.Connection, inspector: Any, existing: set[str]) -> None:
+    """Add every nullable column the schema defines that an existing table lacks.
+
+    Additive changes need no version of their own: a ledger written before a column existed
+    gets it (empty) when it is next opened.
+    """
+    for table in metadata.sorted_tables:
+        if table.name not in existing:
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable or column.primary_key:
+                raise RuntimeError(
+                    f"the ledger's {table.name} table lacks the required column {column.name}"
+                )
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+
+
 def _migrate_v1(conn: sa.Connection, inspector: Any) -> None:
     """Version 1: deliveries unique per (invoice, revision, target); hashes over the evidence."""
-    step_columns = {c["name"] for c in inspector.get_columns("delivery_steps")}
-    if "origin" not in step_columns:
-        conn.execute(sa.text("ALTER TABLE delivery_steps ADD COLUMN origin VARCHAR(16)"))
     if conn.dialect.name == "sqlite":
         # NOTE: SQLite cannot drop a constraint: rebuild the table (sqlite.org/lang_altertable
         # "other kinds of table schema changes": create new, copy, drop old, rename new).
-        columns = ", ".join(c.name for c in deliveries_table.columns)
+        old_columns = {c["name"] for c in inspector.get_columns("deliveries")}
+        columns = ", ".join(c.name for c in deliveries_table.columns if c.name in old_columns)
         conn.execute(sa.text("ALTER TABLE deliveries RENAME TO deliveries_v1"))
         conn.execute(sa.text("DROP INDEX IF EXISTS ix_deliveries_period"))
         conn.execute(sa.text("DROP INDEX IF EXISTS ix_deliveries_state"))
