@@ -86,6 +86,9 @@ def main() -> int:
     parser.add_argument("--invoices", type=int, default=2000)
     parser.add_argument("--targets", default="json,stripe")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--stripe-concurrency", type=int, default=10, help="requests in flight (Stripe default)"
+    )
     args = parser.parse_args()
     configure_logging("WARNING")
     contracts, invoices = build_invoices(args.invoices, targets=("json", "stripe"))
@@ -103,7 +106,7 @@ def main() -> int:
                     api_key="sk_test_bench",  # type: ignore[arg-type]
                     api_base=url,
                     rate_limit="100000/s",
-                    concurrency=10,
+                    concurrency=args.stripe_concurrency,
                 )
                 adapter = StripeAdapter(settings)
                 spent, wall, done = push(adapter, contracts, invoices, scratch, args.profile)
