@@ -350,8 +350,8 @@ def to_remote_invoice(found: Mapping[str, Any], invoice: Invoice) -> RemoteInvoi
         number=number or None,
         currency=str(found.get("CurrencyCode") or "").upper(),
         total=_money(found.get("Total")),
-        # NOTE: AmountPaid is the "sum of payments received for invoice"; credit notes
-        # allocated to it are AmountCredited and are not counted as paid.
+        # NOTE: AmountPaid is the "Sum of payments received for invoice"; credit notes, over-
+        # and prepayments applied are AmountCredited (xero_accounting.yaml 16.1.0), not paid.
         amount_paid=_money(found.get("AmountPaid")),
         state=xero_payment_state(found),
         due_date=xero_date(found.get("DueDateString") or found.get("DueDate")),

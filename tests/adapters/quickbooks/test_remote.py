@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from kiki_billing_adapters.quickbooks import QuickBooksAdapter, QuickBooksClientSettings
+from kiki_billing_adapters.quickbooks.wire import qbo_payment_state
 
 from kiki_billing.hub.dispatcher import Hub
 from kiki_billing.hub.ledger import DeliveryState, Ledger
@@ -150,3 +151,19 @@ def test_another_revision_and_a_foreign_invoice_are_not_returned(
     assert found.refs["invoice_id"] == first.refs["invoice_id"]
     [found] = read_back(fake, adapter, revised, second.refs)
     assert (found.refs["invoice_id"], found.kiki_revision) == (second.refs["invoice_id"], 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "state"),
+    [
+        ({"TotalAmt": "10.00", "Balance": "10.00"}, PaymentState.OPEN),
+        ({"TotalAmt": "10.00", "Balance": "0.01"}, PaymentState.PARTLY_PAID),
+        ({"TotalAmt": "10.00", "Balance": "0"}, PaymentState.PAID),
+        ({"TotalAmt": "0", "Balance": "0", "PrivateNote": "kiki-billing"}, PaymentState.PAID),
+        ({"TotalAmt": "0", "Balance": "0", "PrivateNote": "Voided"}, PaymentState.VOID),
+    ],
+)
+def test_quickbooks_amounts_map_to_payment_states(
+    fields: dict[str, str], state: PaymentState
+) -> None:
+    assert qbo_payment_state(fields) is state

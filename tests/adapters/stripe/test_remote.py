@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from kiki_billing_adapters.stripe import StripeAdapter, StripeClientSettings, StripeSettings
+from kiki_billing_adapters.stripe.wire import stripe_payment_state
 
 from kiki_billing.hub.dispatcher import Hub
 from kiki_billing.hub.ledger import DeliveryState, Ledger
@@ -202,3 +203,26 @@ def test_reading_back_is_two_requests(
         ("GET", "/v1/invoices"),
         ("GET", "/v1/invoices/search"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "state"),
+    [
+        ({"status": "draft"}, PaymentState.DRAFT),
+        ({"status": "open"}, PaymentState.OPEN),
+        ({"status": "open", "attempt_count": 2, "paid": False}, PaymentState.PAYMENT_FAILED),
+        ({"status": "open", "attempt_count": 1, "amount_paid": 5}, PaymentState.PARTLY_PAID),
+        ({"status": "paid", "paid": True, "attempt_count": 1}, PaymentState.PAID),
+        ({"status": "uncollectible", "attempt_count": 4}, PaymentState.UNCOLLECTIBLE),
+        ({"status": "void"}, PaymentState.VOID),
+    ],
+)
+def test_stripe_statuses_map_to_payment_states(
+    fields: dict[str, object], state: PaymentState
+) -> None:
+    assert stripe_payment_state(fields) is state
+
+
+def test_an_unknown_stripe_status_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown Stripe invoice status"):
+        stripe_payment_state({"status": "deleted"})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from kiki_billing_adapters.xero import XeroAdapter, XeroClientSettings
+from kiki_billing_adapters.xero.wire import xero_date, xero_payment_state
 
 from kiki_billing.hub.dispatcher import Hub
 from kiki_billing.hub.ledger import DeliveryState, Ledger
@@ -142,3 +143,27 @@ def test_another_revision_is_not_returned(
     [found] = read_back(fake, adapter, revised, second.refs)
     assert (found.refs["invoice_id"], found.kiki_revision) == (second.refs["invoice_id"], 1)
     assert found.number == f"{invoice.number}-R1"
+
+
+@pytest.mark.parametrize(
+    ("fields", "state"),
+    [
+        ({"Status": "DRAFT"}, PaymentState.DRAFT),
+        ({"Status": "SUBMITTED"}, PaymentState.DRAFT),
+        ({"Status": "AUTHORISED", "Total": "5", "AmountDue": "5"}, PaymentState.OPEN),
+        (
+            {"Status": "AUTHORISED", "Total": "5", "AmountDue": "3", "AmountCredited": "2"},
+            PaymentState.PARTLY_PAID,
+        ),
+        ({"Status": "PAID", "Total": "5", "AmountDue": "0"}, PaymentState.PAID),
+        ({"Status": "VOIDED"}, PaymentState.VOID),
+    ],
+)
+def test_xero_statuses_map_to_payment_states(fields: dict[str, str], state: PaymentState) -> None:
+    assert xero_payment_state(fields) is state
+
+
+def test_xero_dates_in_both_forms() -> None:
+    assert xero_date("/Date(1772496000000+0000)/") == date(2026, 3, 3)
+    assert xero_date("2026-03-03T00:00:00") == date(2026, 3, 3)
+    assert xero_date(None) is None
