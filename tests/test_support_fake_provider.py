@@ -495,3 +495,44 @@ def test_control_endpoints_and_reset(fake: FakeWidgets, http: requests.Session) 
     assert (state["objects_created"], state["clock"]["offset"]) == ({}, 0)
     assert state["rate_limits"]["received"] == 0
     assert state["config"]["latency"] == 0.001  # settings stay
+
+
+class MarkableWidgetApp(WidgetApp):
+    """Widgets that stand for invoices in the control calls."""
+
+    def mark_invoice(self, invoice_id: str, state: str, amount: str | None = None) -> Any:
+        widget = self.widgets[invoice_id]
+        if state not in ("paid", "void"):
+            raise ValueError(f"unknown state {state!r}")
+        widget["state"] = state
+        return widget
+
+    def duplicate_invoice(self, invoice_id: str) -> str:
+        copied = {**self.widgets[invoice_id], "id": f"w{len(self.widgets) + 1}"}
+        self.widgets[copied["id"]] = copied
+        return str(copied["id"])
+
+
+def test_invoice_control_calls_and_the_writes_received(http: requests.Session) -> None:
+    with FakeWidgets(MarkableWidgetApp(clock=lambda: T0)) as fake:
+        create(http, fake, key="k")
+        start = len(fake.requests)
+        assert http.get(f"{fake.url}/widgets").status_code == 200
+        assert fake.writes_since(start) == []
+        assert [r.path for r in fake.writes_since(0)] == ["/widgets"]
+        mark = f"{fake.url}/_fake/invoices/mark"
+        marked = http.post(mark, json={"invoice": "w1", "state": "paid"})
+        assert marked.json() == {"id": "w1", "name": "a", "state": "paid"}
+        assert http.post(mark, json={"invoice": "w9", "state": "paid"}).status_code == 404
+        assert http.post(mark, json={"invoice": "w1", "state": "lost"}).status_code == 400
+        copied = http.post(f"{fake.url}/_fake/invoices/duplicate", json={"invoice": "w1"})
+        assert copied.json() == {"id": "w2"}
+        assert fake.mark_invoice("w2", "void")["state"] == "void"
+        assert len(fake.requests) == start + 1  # control calls are not recorded
+
+
+def test_invoice_control_calls_of_a_fake_without_them(
+    fake: FakeWidgets, http: requests.Session
+) -> None:
+    answer = http.post(f"{fake.url}/_fake/invoices/mark", json={"invoice": "w1", "state": "paid"})
+    assert answer.status_code == 404 and "cannot mark invoices" in answer.json()["error"]

@@ -255,12 +255,31 @@ def test_zoql_checks_fields_and_syntax(soap: Soap) -> None:
     assert record.get("{http://www.w3.org/2001/XMLSchema-instance}type") == "ns2:Account"
     for zoql, code in [
         ("select Id, Nope from Account", "fns:INVALID_FIELD"),
-        ("select Id from Account where Name = 'a' or Name = 'b'", "fns:MALFORMED_QUERY"),
+        ("select Id from Account where (Name = 'a' or Name = 'b')", "fns:MALFORMED_QUERY"),
+        ("select Id from Account where Name like 5", "fns:MALFORMED_QUERY"),
         ("select from Account", "fns:MALFORMED_QUERY"),
         ("select Id from Widget", "fns:INVALID_TYPE"),
     ]:
         status, body = soap.query(zoql)
         assert status == 500 and fault_code(body) == code, zoql
+
+
+def test_zoql_or_and_like(soap: Soap) -> None:
+    for number in ("kiki-1", "kiki-12", "kiki_3", "other"):
+        soap.create("Account", **account_fields(number))
+
+    def numbers(where: str) -> list[str]:
+        status, body = soap.query(f"select AccountNumber from Account where {where}")
+        assert status == 200, where
+        return sorted(n.text for n in body.iter(f"{{{OBJECT_NS}}}AccountNumber"))
+
+    assert numbers("AccountNumber like 'kiki-%'") == ["kiki-1", "kiki-12"]
+    assert numbers("AccountNumber like 'kiki_1%'") == ["kiki-1", "kiki-12"]
+    assert numbers("AccountNumber like 'kiki-_'") == ["kiki-1"]
+    assert numbers("AccountNumber = 'other' or AccountNumber = 'kiki_3'") == ["kiki_3", "other"]
+    # "and" binds first: (kiki-1 and Batch1) or other
+    either = "AccountNumber = 'kiki-1' and Batch = 'Batch1' or AccountNumber = 'other'"
+    assert numbers(either) == ["kiki-1", "other"]
 
 
 def test_query_pages_with_a_locator(soap: Soap) -> None:

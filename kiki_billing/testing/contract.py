@@ -11,7 +11,8 @@ what the hub relies on and what users are promised:
 - every step's ``send`` sends exactly the request its builder made, and ``--dry-run`` shows
   those requests;
 - a retry resends the same key; a lost response is replayed, never duplicated;
-- the look-ups find what a push made; a new ledger with expired keys creates nothing twice.
+- the look-ups find what a push made; a new ledger with expired keys creates nothing twice;
+- a pushed invoice is read back once, with its total and currency, by reads only.
 
 Tests whose hook a subclass does not provide are skipped with the reason.
 """
@@ -23,6 +24,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
+from decimal import Decimal
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,6 +41,7 @@ from kiki_billing.plugin import (
     BillingAdapter,
     ClientSettings,
     DeliveryError,
+    PaymentState,
     RateLimitedError,
     StepContext,
     StepRequest,
@@ -163,6 +166,10 @@ class AdapterContractSuite:
 
     def sent(self, key: str) -> SentRequest | None:
         """The last write the double received under ``key``."""
+        raise NotImplementedError
+
+    def writes(self) -> int:
+        """How many writes (requests that may change something) the double received so far."""
         raise NotImplementedError
 
     # Machinery --------------------------------------------------------------------------------
@@ -348,3 +355,32 @@ class AdapterContractSuite:
             key = idempotency_key(invoice.number, invoice.revision, adapter.name, step.name)
             found = step.lookup(StepContext(invoice, client, dict(outcome.refs), key))
             assert found is not None, step.name
+
+    def test_contract_pushed_invoice_is_read_back_once(self, tmp_path: Path) -> None:
+        """``remote_invoices`` finds the pushed invoice once, with its total, by reads only.
+
+        Skipped for an adapter that cannot read its provider back (``NotImplementedError``).
+        """
+        adapter, invoice = self.adapter(), self.invoice()
+        [outcome] = self._hub(self._ledger(tmp_path), adapter).push(
+            [self._delivery(adapter, invoice)]
+        )
+        assert outcome.state is DeliveryState.DELIVERED, outcome.error
+        try:
+            writes = self.writes()
+        except NotImplementedError:
+            writes = None
+        try:
+            found = adapter.remote_invoices(invoice, dict(outcome.refs))
+        except NotImplementedError:
+            pytest.skip(f"adapter {adapter.name!r} cannot read invoices back")
+        assert len(found) == 1, found
+        [remote] = found
+        assert (remote.total, remote.currency) == (invoice.total_fee, invoice.currency.upper())
+        assert Decimal(0) <= remote.amount_paid <= remote.total
+        assert remote.state not in (PaymentState.VOID, PaymentState.UNCOLLECTIBLE)
+        assert remote.kiki_number in (None, invoice.number)
+        assert remote.kiki_revision in (None, invoice.revision)
+        assert all(isinstance(v, str) for v in remote.refs.values())
+        if writes is not None:
+            assert self.writes() == writes, "reading back sent a write"

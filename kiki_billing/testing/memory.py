@@ -10,6 +10,7 @@ import itertools
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, ClassVar, Literal
 
 from pydantic_settings import SettingsConfigDict
@@ -20,14 +21,17 @@ from kiki_billing.plugin import (
     ClientSettings,
     DeliveryError,
     Invoice,
+    PaymentState,
     RateLimit,
     RateLimitedError,
     RateWindow,
+    RemoteInvoice,
     Step,
     StepContext,
     StepRequest,
     TerminalError,
     TransientError,
+    currency_exponent,
     to_minor_units,
 )
 
@@ -103,6 +107,40 @@ class MemoryBillingSystem:
         """Every invoice upstream that carries ``number`` (more than one is a duplicate)."""
         return [inv for inv in self.invoices.values() if inv["number"] == number]
 
+    def mark_invoice(self, invoice_id: str, state: str, amount_minor: int | None = None) -> None:
+        """Change an invoice as happens outside the API.
+
+        ``paid``, ``partly_paid`` (``amount_minor``, default half of what is due), ``void`` or
+        ``deleted``.
+
+        Raises:
+            KeyError: No such invoice.
+            ValueError: An unknown state, or a payment on an invoice that is not open.
+        """
+        with self._lock:
+            invoice = self.invoices[invoice_id]
+            if state == "deleted":
+                del self.invoices[invoice_id]
+                return
+            if state == "void":
+                invoice["status"] = "void"
+                return
+            if state not in ("paid", "partly_paid") or invoice["status"] != "open":
+                raise ValueError(f"cannot mark a {invoice['status']} invoice {state}")
+            due = sum(invoice["lines"].values()) - invoice["paid"]
+            paid = due if state == "paid" else (amount_minor or due // 2)
+            invoice["paid"] += paid
+            if invoice["paid"] >= sum(invoice["lines"].values()):
+                invoice["status"] = "paid"
+
+    def duplicate_invoice(self, invoice_id: str) -> str:
+        """A copy of an invoice under a new id (made outside the ledger); returns the id."""
+        with self._lock:
+            copy_id = self.new_id("inv")
+            source = self.invoices[invoice_id]
+            self.invoices[copy_id] = {**source, "lines": dict(source["lines"])}
+            return copy_id
+
 
 class MemorySettings(AdapterSettings):
     """``KIKI_MEMORY_*``."""
@@ -176,9 +214,12 @@ class MemoryAdapter(BillingAdapter[MemorySettings, MemoryClientSettings]):
                 iid = p.new_id("inv")
                 p.invoices[iid] = {
                     "number": request.payload["number"],
+                    "revision": request.payload["revision"],
+                    "currency": request.payload["currency"],
                     "customer": request.payload["customer"],
                     "lines": {},
                     "status": "draft",
+                    "paid": 0,
                 }
                 return iid
 
@@ -245,6 +286,8 @@ class MemoryAdapter(BillingAdapter[MemorySettings, MemoryClientSettings]):
                     "/invoices",
                     {
                         "number": invoice.number,
+                        "revision": invoice.revision,
+                        "currency": invoice.currency,
                         "customer": ctx.refs.get("customer_id", "{customer_id}"),
                     },
                 ),
@@ -266,6 +309,39 @@ class MemoryAdapter(BillingAdapter[MemorySettings, MemoryClientSettings]):
                 new_under="draft",
             ),
         ]
+
+    def remote_invoices(self, invoice: Invoice, refs: Mapping[str, str]) -> list[RemoteInvoice]:
+        """Every invoice the system holds with this number and revision (one read)."""
+        p = self.provider
+        p.calls.append(("list_invoices", None))
+        with p._lock:
+            held = [
+                (iid, dict(inv))
+                for iid, inv in p.invoices.items()
+                if inv["number"] == invoice.number and inv.get("revision") == invoice.revision
+            ]
+        found = []
+        for iid, inv in held:
+            exponent = currency_exponent(inv["currency"])
+            total = sum(inv["lines"].values())
+            state = {
+                "draft": PaymentState.DRAFT,
+                "paid": PaymentState.PAID,
+                "void": PaymentState.VOID,
+            }.get(inv["status"], PaymentState.PARTLY_PAID if inv["paid"] else PaymentState.OPEN)
+            found.append(
+                RemoteInvoice(
+                    refs={"invoice_id": iid, "customer_id": inv["customer"]},
+                    kiki_number=inv["number"],
+                    kiki_revision=inv["revision"],
+                    number=iid,
+                    currency=inv["currency"],
+                    total=Decimal(total).scaleb(-exponent),
+                    amount_paid=Decimal(inv["paid"]).scaleb(-exponent),
+                    state=state,
+                )
+            )
+        return found
 
     def classify(self, error: Exception) -> DeliveryError:
         """429 -> rate limited, 5xx and dropped connections -> transient, other -> terminal."""

@@ -226,6 +226,9 @@ class TestMemoryAdapterContract(AdapterContractSuite):
     def expire_keys(self) -> None:
         self.system._replies.clear()
 
+    def writes(self) -> int:
+        return sum(1 for _, key in self.system.calls if key is not None)
+
 
 def test_a_second_number_for_the_same_client_and_period_is_refused(make_hub, system) -> None:
     inv = invoice()

@@ -22,7 +22,11 @@ has a provider in a few dozen lines; ``tests/support/fake_stripe.py`` is a full 
 
 Control endpoints (no auth; not recorded, not rate limited): ``GET health``, ``GET state``,
 ``POST reset``, ``GET|POST|DELETE faults``, ``GET|POST config``, ``GET requests?since=N``,
-``GET|POST clock`` (``{"advance": seconds}``), all under ``/_fake/``.
+``GET|POST clock`` (``{"advance": seconds}``), all under ``/_fake/``. What happens to an invoice
+outside the API (a payment, a void or a delete in the provider's own UI, a copy made by hand):
+``POST invoices/mark`` (``{"invoice": id, "state": "paid"|"partly_paid"|"void"|"deleted",
+"amount": "12.50"}``) and ``POST invoices/duplicate`` (``{"invoice": id}``), for the fakes that
+implement :meth:`FakeProviderApp.mark_invoice` and :meth:`FakeProviderApp.duplicate_invoice`.
 """
 
 from __future__ import annotations
@@ -911,6 +915,36 @@ class FakeProviderApp:
     def configure_provider(self, settings: Mapping[str, Any]) -> None:
         """Apply the provider's settings (names from ``provider_settings``)."""
 
+    def mark_invoice(self, invoice_id: str, state: str, amount: str | None = None) -> JSON:
+        """Change an invoice as the provider's UI would (called under :attr:`lock`).
+
+        ``state``: ``paid`` (in full), ``partly_paid`` (``amount``, in the currency's major
+        unit; default: half the total), ``void`` or ``deleted``. Returns the invoice as stored
+        (``{"deleted": true}`` once deleted).
+
+        Raises:
+            KeyError: No such invoice.
+            ValueError: A state the provider does not allow from the invoice's current one.
+        """
+        raise NotImplementedError(f"the {self.name} fake cannot mark invoices")
+
+    def duplicate_invoice(self, invoice_id: str) -> str:
+        """Copy an invoice, number, metadata and lines included, as someone outside the API
+        would (by hand, or a run whose ledger was lost); returns the copy's id.
+
+        Raises:
+            KeyError: No such invoice.
+        """
+        raise NotImplementedError(f"the {self.name} fake cannot copy invoices")
+
+    def writes_since(self, start: int = 0) -> list[RecordedRequest]:
+        """The recorded requests from index ``start`` that may change something upstream.
+
+        Default: every method but GET and HEAD; a provider whose reads are POSTs (a query
+        endpoint, SOAP) says which requests are reads.
+        """
+        return [r for r in self.log.since(start) if r.method not in ("GET", "HEAD")]
+
     def count_created(self, kind: str) -> None:
         """Count a new object of ``kind`` (shown as ``objects_created`` in the state)."""
         with self.lock:
@@ -1149,6 +1183,20 @@ class FakeProviderApp:
                 if method == "POST":
                     self.clock.advance(float(payload.get("advance", 0)))
                 return FakeResponse(200, self.clock.to_json())
+            if (method, name) == ("POST", "invoices/mark"):
+                with self.lock:
+                    marked = self.mark_invoice(
+                        str(payload["invoice"]), str(payload["state"]), payload.get("amount")
+                    )
+                    return FakeResponse(200, json.loads(json.dumps(marked, default=str)))
+            if (method, name) == ("POST", "invoices/duplicate"):
+                with self.lock:
+                    copied = self.duplicate_invoice(str(payload["invoice"]))
+                return FakeResponse(200, {"id": copied})
+        except NotImplementedError as exc:
+            return FakeResponse(404, {"error": str(exc)})
+        except KeyError as exc:
+            return FakeResponse(404, {"error": f"no such invoice or field: {exc}"})
         except (TypeError, ValueError) as exc:
             return FakeResponse(400, {"error": str(exc)})
         return FakeResponse(404, {"error": f"no control endpoint {method} {request.path}"})
@@ -1362,6 +1410,20 @@ class FakeProvider(Generic[AppT]):
     def clear_faults(self) -> None:
         """Drop every queued fault."""
         self.app.faults.clear()
+
+    def mark_invoice(self, invoice_id: str, state: str, amount: str | None = None) -> JSON:
+        """Same as ``POST /_fake/invoices/mark`` (see :meth:`FakeProviderApp.mark_invoice`)."""
+        with self.app.lock:
+            return self.app.mark_invoice(invoice_id, state, amount)
+
+    def duplicate_invoice(self, invoice_id: str) -> str:
+        """Same as ``POST /_fake/invoices/duplicate``; the copy's id."""
+        with self.app.lock:
+            return self.app.duplicate_invoice(invoice_id)
+
+    def writes_since(self, start: int = 0) -> list[RecordedRequest]:
+        """The requests from index ``start`` that may change something upstream."""
+        return self.app.writes_since(start)
 
     @property
     def faults(self) -> list[Fault]:

@@ -29,9 +29,12 @@ At least as strict as QBO:
 - every answer carries an ``intuit_tid`` header; faults are ``{"Fault": {"Error": [{"Message",
   "Detail", "code", "element"}], "type"}, "time"}``; injected 5xx can be JSON, XML or HTML.
 
-Not modelled: updates, deletes and voids, taxes (no tax is computed; ``TaxCodeRef`` must name a
-known code), discounts, multiple pages of query results beyond ``maxresults``, batch, CDC,
-webhooks, reports, minor-version differences.
+Payments, voids, deletes and copies made outside the API are control calls
+(``fake.mark_invoice(id, "paid"|"partly_paid"|"void"|"deleted")``, ``fake.duplicate_invoice``).
+
+Not modelled: updates, deletes and voids through the API, taxes (no tax is computed;
+``TaxCodeRef`` must name a known code), discounts, multiple pages of query results beyond
+``maxresults``, batch, CDC, webhooks, reports, minor-version differences.
 
 In-process: ``with FakeQuickBooks() as fake:``; as a process: ``python -m
 tests.support.fake_quickbooks --port 0 --ready-file F`` (control under ``/_fake/``, plus ``POST
@@ -108,6 +111,7 @@ LENGTHS = {
     "Address": 100,
 }
 PACIFIC = timezone(timedelta(hours=-8))
+_CENT = Decimal("0.01")
 CURRENCY_NAMES = {
     "USD": "United States Dollar",
     "EUR": "Euro",
@@ -945,6 +949,71 @@ class FakeQuickBooksApp(FakeProviderApp):
                 "DisplayName": name,
                 "Active": True,
             }
+
+    def mark_invoice(self, invoice_id: str, state: str, amount: str | None = None) -> JSON:
+        """A payment received, a void or a delete, as QuickBooks' UI (or API) makes them.
+
+        A payment lowers ``Balance`` and links a Payment in ``LinkedTxn``; a void zeroes every
+        amount and puts "Voided" in front of ``PrivateNote`` (Intuit: "Voiding Invoice
+        Objects", blogs.intuit.com 2016-04-06, and the Invoice API reference); a delete removes
+        the invoice (queries no longer return it).
+        """
+        company = self.companies[self.realm]
+        invoice = company.invoices[invoice_id]
+        if state == "deleted":
+            del company.invoices[invoice_id]
+            return {"Id": invoice_id, "status": "Deleted"}
+        if str(invoice.get("PrivateNote") or "").startswith("Voided"):
+            raise ValueError("the invoice is voided")
+        if state == "void":
+            if invoice["Balance"] != invoice["TotalAmt"]:
+                raise ValueError("[kiki fake] an invoice with payments linked is not voided")
+            for line in invoice["Line"]:
+                line["Amount"] = Decimal(0)
+                detail = line.get("SalesItemLineDetail")
+                if detail is not None:
+                    detail["Qty"] = Decimal(0)
+            note = invoice.get("PrivateNote")
+            invoice["PrivateNote"] = f"Voided - {note}" if note else "Voided"
+            invoice.update(TotalAmt=Decimal(0), Balance=Decimal(0))
+        elif state in ("paid", "partly_paid"):
+            if state == "paid":
+                paid = invoice["Balance"]
+            else:
+                paid = Decimal(amount) if amount else (invoice["Balance"] / 2).quantize(_CENT)
+            if not 0 < paid <= invoice["Balance"] or (
+                state == "partly_paid" and paid == invoice["Balance"]
+            ):
+                raise ValueError(
+                    f"a payment of {paid} does not fit a balance of {invoice['Balance']}"
+                )
+            payment_id = company.new_id()
+            invoice["Balance"] -= paid
+            invoice["LinkedTxn"].append({"TxnId": payment_id, "TxnType": "Payment"})
+        else:
+            raise ValueError(f"unknown state {state!r}")
+        invoice["SyncToken"] = str(int(invoice["SyncToken"]) + 1)
+        invoice["MetaData"]["LastUpdatedTime"] = _meta_time(self.clock())
+        return json.loads(json_text(invoice))
+
+    def duplicate_invoice(self, invoice_id: str) -> str:
+        """A copy with the same DocNumber, note and lines (QBO takes duplicate DocNumbers when
+        the company does not refuse them, or from its UI after a warning)."""
+        company = self.companies[self.realm]
+        copied = copy.deepcopy(company.invoices[invoice_id])
+        new_id = company.new_id()
+        copied.update(_entity(new_id, self.clock()))
+        company.invoices[new_id] = copied
+        self.count_created("invoice")
+        return new_id
+
+    def writes_since(self, start: int = 0) -> list[Any]:
+        """Every request but GETs and queries (a query is a POST that reads)."""
+        return [
+            r
+            for r in self.log.since(start)
+            if r.method != "GET" and not (r.route or "").endswith("/query")
+        ]
 
     def snapshot_objects(self) -> JSON:
         company = self.companies[self.realm]

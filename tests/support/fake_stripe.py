@@ -44,7 +44,9 @@ Control endpoints (no auth) live under ``/_fake/``: see :mod:`tests.support.fake
 Not modelled: Stripe's other endpoints and parameters (a parameter the spec allows but this fake
 does not model is rejected with a message saying so), taxes, discounts, webhooks, automatic
 collection (an ``auto_advance`` invoice stays ``open`` until ``/pay``), payment failures other
-than injected ones, and three-decimal-currency rules.
+than injected ones, and three-decimal-currency rules. What happens outside the API (a payment,
+a failed attempt, a void, a delete, a copy) is a control call: ``fake.mark_invoice(id, state)``,
+``fake.duplicate_invoice(id)`` (see :meth:`FakeStripeApp.mark_invoice`).
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ LIVE_RATE_LIMIT = 100
 # NOTE: Stripe keeps an idempotency key for at least 24 hours
 # (stripe.com/docs/api/idempotent_requests).
 KEY_LIFETIME = 24 * 3600.0
+# NOTE: Stripe's zero-decimal currencies (stripe.com/docs/currencies), for amounts given to the
+# control endpoints in major units.
+_ZERO_DECIMAL = "BIF CLP DJF GNF JPY KMF KRW MGA PYG RWF UGX VND VUV XAF XOF XPF"
+ZERO_DECIMAL = frozenset(_ZERO_DECIMAL.split())
 RateMode = Literal["window", "bucket"]
 _ALPHANUM = string.ascii_letters + string.digits
 
@@ -1030,6 +1036,15 @@ def _finalize(app: FakeStripeApp, invoice: JSON, auto_advance: bool | None) -> N
         _mark_paid(app, invoice, out_of_band=False, charge=False)
 
 
+def _minor_units(amount: str, invoice: JSON) -> int:
+    """``amount`` (major units, as text) in the invoice currency's minor units."""
+    exponent = 0 if invoice["currency"].upper() in ZERO_DECIMAL else 2
+    scaled = Decimal(amount).scaleb(exponent)
+    if scaled != scaled.to_integral_value():
+        raise ValueError(f"{amount} is not a whole number of minor units")
+    return int(scaled)
+
+
 def _mark_paid(app: FakeStripeApp, invoice: JSON, *, out_of_band: bool, charge: bool) -> None:
     now = int(app.clock())
     invoice.update(
@@ -1566,6 +1581,80 @@ class FakeStripeApp(FakeProviderApp):
     def reset_objects(self) -> None:
         """Forget every Stripe object."""
         self.state.reset()
+
+    def mark_invoice(self, invoice_id: str, state: str, amount: str | None = None) -> JSON:
+        """What the Dashboard (or a customer) does to an invoice, by Stripe's rules.
+
+        ``paid`` (out of band, in full), ``partly_paid`` (``amount`` in major units, or
+        half; the invoice stays open), ``payment_failed`` (a failed automatic attempt: open,
+        ``attempted``, ``attempt_count`` up), ``uncollectible``, ``void``, ``deleted`` (drafts
+        only, as ``DELETE /v1/invoices/{id}``).
+        """
+        st = self.state
+        invoice = st.invoices[invoice_id]
+        status, now = invoice["status"], int(self.clock())
+        if state == "deleted":
+            if status != "draft":
+                raise ValueError("Stripe deletes draft invoices only; void this one instead")
+            for line in st.invoice_lines.pop(invoice_id):
+                st.invoice_items.pop(line["invoice_item"], None)
+            del st.invoices[invoice_id]
+            return {"id": invoice_id, "object": "invoice", "deleted": True}
+        allowed = {
+            "paid": ("open", "uncollectible"),
+            "partly_paid": ("open",),
+            "payment_failed": ("open",),
+            "uncollectible": ("open",),
+            "void": ("open", "uncollectible"),
+        }
+        if state not in allowed:
+            raise ValueError(f"unknown state {state!r}")
+        if status not in allowed[state]:
+            raise ValueError(f"a {status} invoice cannot become {state}")
+        if state == "paid":
+            _mark_paid(self, invoice, out_of_band=True, charge=False)
+        elif state == "partly_paid":
+            minor = _minor_units(amount, invoice) if amount else invoice["amount_due"] // 2
+            if not 0 < minor < invoice["amount_remaining"]:
+                raise ValueError("a partial payment is more than nothing and less than the rest")
+            invoice["amount_paid"] += minor
+            invoice["amount_remaining"] -= minor
+        elif state == "payment_failed":
+            invoice.update(attempted=True, next_payment_attempt=now + 3 * 86400)
+            invoice["attempt_count"] += 1
+        elif state == "uncollectible":
+            invoice.update(status="uncollectible", next_payment_attempt=None)
+            invoice["status_transitions"]["marked_uncollectible_at"] = now
+        else:
+            invoice.update(status="void", amount_remaining=0, next_payment_attempt=None)
+            invoice["status_transitions"]["voided_at"] = now
+        return self.render_invoice(invoice, all_lines=True)
+
+    def duplicate_invoice(self, invoice_id: str) -> str:
+        """A copy of the invoice (same customer, metadata and lines, its own number)."""
+        st = self.state
+        source = st.invoices[invoice_id]
+        copy_id = st.new_id("in_")
+        copied = json.loads(json.dumps(source))
+        copied.update(id=copy_id, created=int(self.clock()))
+        if source["number"]:
+            customer = st.customers[source["customer"]]
+            copied["number"] = (
+                f"{customer['invoice_prefix']}-{customer['next_invoice_sequence']:04d}"
+            )
+            customer["next_invoice_sequence"] += 1
+        st.invoices[copy_id] = copied
+        st.invoice_lines[copy_id] = []
+        for line in st.invoice_lines[invoice_id]:
+            item = json.loads(json.dumps(st.invoice_items[line["invoice_item"]]))
+            item.update(id=st.new_id("ii_"), invoice=copy_id)
+            st.invoice_items[item["id"]] = item
+            st.register(item["id"], self.clock())
+            line_copy = dict(line, id=st.new_id("il_"), invoice_item=item["id"])
+            st.invoice_lines[copy_id].append(line_copy)
+        st.register(copy_id, self.clock())
+        self.count_created("invoice")
+        return copy_id
 
     def snapshot_objects(self) -> JSON:
         """Customers, invoices (with all their lines), invoice items, ``/send`` counts."""

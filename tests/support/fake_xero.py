@@ -33,6 +33,10 @@ clock). What it models, at least as strictly as Xero:
   flight; a 429 carries ``Retry-After`` and ``X-Rate-Limit-Problem: minute|day|concurrent``, and
   every answer ``X-MinLimit-Remaining``, ``X-DayLimit-Remaining`` and ``X-AppMinLimit-Remaining``.
 
+What happens in Xero's own UI is a control call: a payment in full or in part, a void, a
+delete (``fake.mark_invoice``), or an invoice typed in by hand with a number already used
+(``fake.duplicate_invoice``).
+
 Messages marked ``[kiki fake]`` are stricter than anything Xero documents (it would round or
 ignore instead); the others follow Xero's wording where known.
 
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import copy
 import math
 import random
 import re
@@ -477,6 +482,66 @@ class FakeXeroApp(FakeProviderApp):
                     setattr(self, name, float(value))
                 else:
                     setattr(self, name, str(value))
+
+    # -- what happens in Xero's own UI (control calls) ----------------------------------
+
+    def _invoice(self, invoice_id: str, tenant: str | None) -> tuple[Organisation, JSON]:
+        org = self.organisation(tenant or DEFAULT_TENANT)
+        return org, org.invoices[invoice_id.lower()]
+
+    def mark_invoice(
+        self, invoice_id: str, state: str, amount: str | None = None, tenant: str | None = None
+    ) -> JSON:
+        """A payment (in full or part), a void or a delete, by Xero's rules.
+
+        Payments apply to AUTHORISED invoices only, and one that leaves nothing due makes the
+        invoice PAID; an AUTHORISED invoice without payments can be VOIDED, a DRAFT or
+        SUBMITTED one DELETED (PROVIDERS.md; the fake's own status rules). A deleted invoice
+        stays, with status DELETED.
+        """
+        _, invoice = self._invoice(invoice_id, tenant)
+        status = invoice["Status"]
+        now = ms_date(self.now())
+        if state in ("paid", "partly_paid"):
+            if status != "AUTHORISED":
+                raise ValueError(
+                    f"Payments can only be made against AUTHORISED invoices ({status})"
+                )
+            due = invoice["AmountDue"]
+            paid = due if state == "paid" else (Decimal(amount) if amount else money(due / 2))
+            if not 0 < paid <= due or (state == "partly_paid" and paid == due):
+                raise ValueError(f"a payment of {paid} does not fit {due} due")
+            invoice["Payments"].append(
+                {"PaymentID": self.new_uuid(), "Date": now, "Amount": paid, "Reference": ""}
+            )
+            invoice["AmountPaid"] += paid
+            invoice["AmountDue"] -= paid
+            if invoice["AmountDue"] == 0:
+                invoice["Status"] = "PAID"
+                invoice["FullyPaidOnDate"] = now
+        elif state in ("void", "deleted"):
+            wanted = "VOIDED" if state == "void" else "DELETED"
+            if wanted not in _TRANSITIONS.get(status, set()) or invoice["Payments"]:
+                raise ValueError(f"Invoice not of valid status for modification ({status})")
+            invoice["Status"] = wanted
+            invoice["AmountDue"] = Decimal("0.00")
+        else:
+            raise ValueError(f"unknown state {state!r}")
+        invoice["UpdatedDateUTC"] = now
+        return invoice
+
+    def duplicate_invoice(self, invoice_id: str, tenant: str | None = None) -> str:
+        """A copy with the same InvoiceNumber [kiki fake: Xero's API refuses one; this stands
+        for an invoice made outside it, e.g. imported or typed in by hand]."""
+        org, source = self._invoice(invoice_id, tenant)
+        copied = copy.deepcopy(source)
+        copied["InvoiceID"] = self.new_uuid()
+        for line in copied.get("LineItems") or []:
+            line["LineItemID"] = self.new_uuid()
+        copied["UpdatedDateUTC"] = ms_date(self.now())
+        org.invoices[copied["InvoiceID"]] = copied
+        self.count_created("invoice")
+        return str(copied["InvoiceID"])
 
     # -- tokens (test helpers) ------------------------------------------------------------
 

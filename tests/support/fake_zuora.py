@@ -9,7 +9,8 @@ WSDL it is given (78.0 by default; ``--wsdl`` for another), and is at least as s
 - ``login`` opens a session that expires after ``session_lifetime`` seconds of the fake's clock
   (``INVALID_SESSION`` afterwards; tests advance the clock instead of sleeping); a wrong
   password is a ``LoginFault``; failed logins are counted;
-- ``query`` takes a ZOQL subset (``select f, ... from Object where f = 'v' and ...``), checks
+- ``query`` takes a ZOQL subset (``select f, ... from Object where f = 'v' and g like 'x%' or
+  ...``: ``=``, ``!=``, ``like``, ``and`` before ``or``, no parentheses), checks
   every field against the WSDL (``INVALID_FIELD``), answers ``done``/``queryLocator``/
   ``records`` (typed with ``xsi:type``) and pages after ``QueryOptions.batchSize`` (2000);
 - ``create`` (Account, Contact) and ``update`` (Account, Contact) with Zuora's rules: required
@@ -31,6 +32,10 @@ WSDL it is given (78.0 by default; ``--wsdl`` for another), and is at least as s
 
 SOAP has no idempotency key: replays are made safe by the unique subscription name and account
 number, which this fake enforces.
+
+What happens in Zuora's own UI is a control call: a payment in full or in part, a cancel, a
+delete (``fake.mark_invoice``), or a second subscription with its own invoice for the same
+invoice number (``fake.duplicate_invoice``).
 
 Run it as a process (crash tests, benchmarks)::
 
@@ -379,19 +384,26 @@ _ZOQL = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 _CONDITION = re.compile(
-    r"\s*(?P<field>\w+)\s*(?P<op>!=|=)\s*(?:'(?P<text>(?:[^'\\]|\\.)*)'|(?P<number>-?\d+(?:\.\d+)?)"
-    r"|(?P<null>null))\s*",
+    r"\s*(?P<field>\w+)\s*(?P<op>!=|=|like\b)\s*(?:'(?P<text>(?:[^'\\]|\\.)*)'"
+    r"|(?P<number>-?\d+(?:\.\d+)?)|(?P<null>null))\s*",
     re.IGNORECASE,
 )
+_JOINER = re.compile(r"(and|or)\s+", re.IGNORECASE)
+Condition = tuple[str, str, str | None]
 
 
 @dataclass(frozen=True)
 class Zoql:
-    """``select fields from zobject where f = v and ...`` (the subset the fake knows)."""
+    """``select fields from zobject where f = v and ... or ...`` (the subset the fake knows).
+
+    Operators ``=``, ``!=`` and ``like`` (``%``: any characters, ``_``: one), joined by ``and``
+    and ``or``, ``and`` binding first, no parentheses (Zuora's "Filter Statements").
+    """
 
     fields: tuple[str, ...]
     zobject: str
-    conditions: tuple[tuple[str, str, str | None], ...]
+    conditions: tuple[tuple[Condition, ...], ...]
+    """Alternatives (joined by ``or``), each a conjunction of ``(field, op, value)``."""
 
     @classmethod
     def parse(cls, text: str) -> Zoql:
@@ -406,7 +418,8 @@ class Zoql:
         fields = tuple(f.strip() for f in found["fields"].split(","))
         if not all(re.fullmatch(r"\w+", f) for f in fields):
             raise _malformed(text)
-        conditions = []
+        alternatives: list[tuple[Condition, ...]] = []
+        current: list[Condition] = []
         where = found["where"] or ""
         position = 0
         while where and position < len(where):
@@ -420,14 +433,41 @@ class Zoql:
                 value = match["number"]
             else:
                 value = re.sub(r"\\(.)", r"\1", match["text"])
-            conditions.append((match["field"], match["op"], value))
+            op = match["op"].lower()
+            if op == "like" and match["text"] is None:
+                raise _malformed(text)
+            current.append((match["field"], op, value))
             position = match.end()
             if position < len(where):
-                joiner = re.compile(r"and\s+", re.IGNORECASE).match(where, position)
+                joiner = _JOINER.match(where, position)
                 if not joiner:
-                    raise _malformed(text)  # "or" and parentheses are beyond the fake
+                    raise _malformed(text)  # parentheses are beyond the fake
+                if joiner[1].lower() == "or":
+                    alternatives.append(tuple(current))
+                    current = []
                 position = joiner.end()
-        return cls(fields, found["object"], tuple(conditions))
+        if current:
+            alternatives.append(tuple(current))
+        return cls(fields, found["object"], tuple(alternatives))
+
+
+def like(pattern: str, text: str | None) -> bool:
+    """ZOQL ``like``: ``%`` any characters, ``_`` one character, everything else itself."""
+    if text is None:
+        return False
+    regex = "".join(".*" if ch == "%" else "." if ch == "_" else re.escape(ch) for ch in pattern)
+    return re.fullmatch(regex, text, re.DOTALL) is not None
+
+
+def soap_operation(body: str) -> str | None:
+    """The operation of a SOAP request body (the local name of its Body's element)."""
+    try:
+        root = etree.fromstring(body.encode("utf-8"))
+    except etree.XMLSyntaxError:
+        return None
+    found = root.find(f"{{{SOAP_ENV}}}Body")
+    children = [c for c in found if isinstance(c.tag, str)] if found is not None else []
+    return etree.QName(children[0]).localname if children else None
 
 
 def _malformed(text: str) -> SoapFault:
@@ -644,6 +684,115 @@ class FakeZuoraApp(FakeProviderApp):
         with self.lock:
             self.sessions.clear()
 
+    def mark_invoice(self, invoice_id: str, state: str, amount: str | None = None) -> JSON:
+        """A payment (in full or part), a cancel or a delete, as Zuora's UI makes them.
+
+        Payments apply to Posted invoices and lower ``Balance`` (``PaymentAmount`` adds them
+        up). ``void`` cancels an invoice without payments (Posted ones are unposted first) and
+        leaves nothing due; ``deleted`` removes it and its items, whose charges can then be
+        billed again.
+        """
+        tenant = self.tenant
+        invoice = tenant.invoices[invoice_id]
+        account = tenant.accounts[invoice["AccountId"]]
+        if state in ("paid", "partly_paid"):
+            if invoice["Status"] != "Posted":
+                raise ValueError(f"payments apply to posted invoices, not {invoice['Status']}")
+            due = invoice["Balance"]
+            exponent = CURRENCIES[account["Currency"]]
+            half = (due / 2).quantize(Decimal(1).scaleb(-exponent))
+            paid = due if state == "paid" else (Decimal(amount) if amount else half)
+            if not 0 < paid <= due or (state == "partly_paid" and paid == due):
+                raise ValueError(f"a payment of {paid} does not fit a balance of {due}")
+            tenant.numbers["payment"] += 1
+            payment = self._new_record(
+                {},
+                AccountId=account["Id"],
+                Amount=paid,
+                EffectiveDate=self._now().date(),
+                PaymentNumber=f"P-{tenant.numbers['payment']:08d}",
+                Status="Processed",
+                Type="External",
+                _invoice=invoice_id,
+            )
+            tenant.payments[payment["Id"]] = payment
+            invoice["Balance"] -= paid
+            invoice["PaymentAmount"] += paid
+            account["Balance"] -= paid
+        elif state in ("void", "deleted"):
+            if invoice["PaymentAmount"]:
+                raise ValueError("an invoice with payments applied is neither canceled nor deleted")
+            account["Balance"] -= invoice["Balance"]
+            if state == "void":
+                invoice.update(Status="Canceled", Balance=Decimal(0))
+            else:
+                for item_id in [
+                    i for i, it in tenant.invoice_items.items() if it["InvoiceId"] == invoice_id
+                ]:
+                    item = tenant.invoice_items.pop(item_id)
+                    tenant.rate_plan_charges[item["RatePlanChargeId"]]["_invoiced"] = False
+                del tenant.invoices[invoice_id]
+                return {"Id": invoice_id, "deleted": True}
+        else:
+            raise ValueError(f"unknown state {state!r}")
+        invoice["UpdatedDate"] = self._now()
+        return _plain(invoice)
+
+    def duplicate_invoice(self, invoice_id: str) -> str:
+        """A second subscription of the invoice's (its name with ``-copy``, same notes, rate
+        plans and charges) with an invoice of its own: what a run that lost its ledger, or a
+        copy made by hand, leaves. Returns the new invoice's id."""
+        tenant = self.tenant
+        source = tenant.invoices[invoice_id]
+        items = [i for i in tenant.invoice_items.values() if i["InvoiceId"] == invoice_id]
+        subscriptions = {i["SubscriptionId"] for i in items}
+        copies: dict[str, str] = {}
+        for subscription_id in subscriptions:
+            original = tenant.subscriptions[subscription_id]
+            copied = self._new_record(
+                {k: v for k, v in original.items() if k not in ("Id", "CreatedDate")},
+                Name=f"{original['Name']}-copy",
+            )
+            copied["OriginalId"] = copied["Id"]
+            tenant.subscriptions[copied["Id"]] = copied
+            copies[subscription_id] = copied["Id"]
+        tenant.numbers["invoice"] += 1
+        invoice = dict(
+            source,
+            Id=self._new_id(),
+            InvoiceNumber=f"INV{tenant.numbers['invoice']:08d}",
+            Balance=source["Amount"],
+            PaymentAmount=Decimal(0),
+            Status="Posted",
+            CreatedDate=self._now(),
+        )
+        tenant.invoices[invoice["Id"]] = invoice
+        for item in items:
+            charge = dict(
+                tenant.rate_plan_charges[item["RatePlanChargeId"]],
+                Id=self._new_id(),
+                _subscription=copies[item["SubscriptionId"]],
+            )
+            tenant.rate_plan_charges[charge["Id"]] = charge
+            copied_item = dict(
+                item,
+                Id=self._new_id(),
+                InvoiceId=invoice["Id"],
+                ChargeId=charge["Id"],
+                RatePlanChargeId=charge["Id"],
+                SubscriptionId=copies[item["SubscriptionId"]],
+                SubscriptionNumber=tenant.subscriptions[copies[item["SubscriptionId"]]]["Name"],
+            )
+            tenant.invoice_items[copied_item["Id"]] = copied_item
+        tenant.accounts[invoice["AccountId"]]["Balance"] += invoice["Amount"]
+        self.count_created("invoice")
+        return str(invoice["Id"])
+
+    def writes_since(self, start: int = 0) -> list[Any]:
+        """Every request but login, query and queryMore (SOAP reads are POSTs too)."""
+        reads = ("login", "query", "queryMore")
+        return [r for r in self.log.since(start) if soap_operation(r.body) not in reads]
+
     # -- dispatch -----------------------------------------------------------------------------
 
     def dispatch(self, call: SoapCall) -> FakeResponse:
@@ -722,15 +871,24 @@ class FakeZuoraApp(FakeProviderApp):
             return known[name.lower()]
 
         selected = [field_name(f) for f in statement.fields]
-        conditions = [(field_name(f), op, value) for f, op, value in statement.conditions]
+        alternatives = [
+            [(field_name(f), op, value) for f, op, value in conjunction]
+            for conjunction in statement.conditions
+        ]
+
+        def holds(record: Mapping[str, Any], name: str, op: str, value: str | None) -> bool:
+            current = record.get(name)
+            text = None if current is None else self._text(statement.zobject, name, current)
+            if op == "like":
+                return like(value or "", text)
+            return (text == value) if op == "=" else (text != value)
+
         found = []
         for record in table.values():
-            ok = True
-            for name, op, value in conditions:
-                current = record.get(name)
-                text = None if current is None else self._text(statement.zobject, name, current)
-                ok = ok and ((text == value) if op == "=" else (text != value))
-            if ok:
+            if not alternatives or any(
+                all(holds(record, *condition) for condition in conjunction)
+                for conjunction in alternatives
+            ):
                 found.append({name: record.get(name) for name in selected})
         records = [(statement.zobject, r) for r in found]
         return self._query_page(records, call.batch_size or QUERY_BATCH)

@@ -22,6 +22,7 @@ from kiki_billing.plugin import (
     Invoice,
     RateLimit,
     RateWindow,
+    RemoteInvoice,
     Step,
     StepContext,
     StepRequest,
@@ -59,6 +60,7 @@ from .wire import (
     to_qbo_customer,
     to_qbo_invoice,
     to_qbo_item,
+    to_remote_invoice,
 )
 
 if TYPE_CHECKING:
@@ -481,6 +483,25 @@ class QuickBooksAdapter(BillingAdapter[QuickBooksSettings, QuickBooksClientSetti
             )
         )
         return _invoice_refs(result["Invoice"])
+
+    # -- reading back -----------------------------------------------------------------------
+
+    def remote_invoices(self, invoice: Invoice, refs: Mapping[str, str]) -> list[RemoteInvoice]:
+        """Every QBO invoice with our DocNumber and this revision in its PrivateNote (read-only).
+
+        One query, whatever ``refs`` say: the query by DocNumber returns the recorded invoice
+        with any duplicate (a company may take duplicate DocNumbers).
+        """
+        number = doc_number(invoice.number)
+        # NOTE: CurrencyRef comes with every invoice of a multicurrency company; without it an
+        # invoice is in the home currency, which the customer's currency (recorded when it
+        # was found or made) or else the invoice's own stands for.
+        currency = refs.get(CUSTOMER_CURRENCY) or invoice.currency
+        return [
+            to_remote_invoice(found, currency)
+            for found in self._query(invoice_query(number), "Invoice")
+            if invoice_owner(found, invoice) == "ours"
+        ]
 
     # -- errors -----------------------------------------------------------------------------
 

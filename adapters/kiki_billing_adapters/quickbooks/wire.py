@@ -8,7 +8,9 @@ here does I/O.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
+from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 
@@ -18,6 +20,8 @@ from kiki_billing.plugin import (
     InputError,
     Invoice,
     InvoiceLine,
+    PaymentState,
+    RemoteInvoice,
     TerminalError,
     currency_exponent,
 )
@@ -104,6 +108,78 @@ def invoice_owner(found: Mapping[str, Any], invoice: Invoice) -> InvoiceOwner:
     if f"kiki-billing invoice {invoice.number} revision " in note:
         return "other-revision"
     return "foreign"
+
+
+_NOTE_MARKER = re.compile(r"kiki-billing invoice (?P<number>\S+) revision (?P<revision>\d+),")
+# NOTE: voiding zeroes every amount and puts "Voided" in front of PrivateNote ("prepended to
+# existing text if present": Intuit's Invoice API reference, void operation; "Voiding Invoice
+# Objects", blogs.intuit.com 2016-04-06). The invoice stays, so queries still return it.
+VOIDED_NOTE = "Voided"
+
+
+def note_identity(note: str | None) -> tuple[str | None, int | None]:
+    """The invoice number and revision our PrivateNote names, if it names them."""
+    found = _NOTE_MARKER.search(note or "")
+    if found is None:
+        return None, None
+    return found["number"], int(found["revision"])
+
+
+def qbo_payment_state(found: Mapping[str, Any]) -> PaymentState:
+    """A QBO invoice's :class:`PaymentState`, from its amounts (QBO keeps no status field).
+
+    Voided: ``TotalAmt`` 0 and "Voided" in front of ``PrivateNote``. Otherwise ``Balance`` (what
+    is still due after payments and credits applied) against ``TotalAmt``: all of it open, part
+    of it partly paid, none of it paid (an invoice totalling 0 included). QBO has no draft
+    invoice, no failed collection and no uncollectible state (a bad debt is written off with a
+    credit memo: it reads as paid).
+    """
+    total = _decimal(found.get("TotalAmt"))
+    balance = _decimal(found.get("Balance"))
+    note = str(found.get("PrivateNote") or "")
+    if total == 0 and note.startswith(VOIDED_NOTE):
+        return PaymentState.VOID
+    if balance <= 0:
+        return PaymentState.PAID
+    if balance < total:
+        return PaymentState.PARTLY_PAID
+    return PaymentState.OPEN
+
+
+def to_remote_invoice(found: Mapping[str, Any], currency: str) -> RemoteInvoice:
+    """A QBO invoice (as queried) as the hub reads it back.
+
+    Args:
+        found: The invoice.
+        currency: The currency to assume when the answer carries no ``CurrencyRef``.
+    """
+    number, revision = note_identity(found.get("PrivateNote"))
+    total = _decimal(found.get("TotalAmt"))
+    held = str((found.get("CurrencyRef") or {}).get("value") or currency).upper()
+    refs = {INVOICE_ID: str(found["Id"])}
+    customer = (found.get("CustomerRef") or {}).get("value")
+    if customer:
+        refs[CUSTOMER_ID] = str(customer)
+    if found.get("EmailStatus"):
+        refs[INVOICE_EMAIL_STATUS] = str(found["EmailStatus"])
+    due = found.get("DueDate")
+    return RemoteInvoice(
+        refs=refs,
+        kiki_number=number,
+        kiki_revision=revision,
+        number=str(found["DocNumber"]) if found.get("DocNumber") else None,
+        currency=held,
+        total=total,
+        # NOTE: QBO's invoice does not split what lowered its Balance into payments and
+        # credits applied (LinkedTxn names them, without amounts): both count as paid here.
+        amount_paid=total - _decimal(found.get("Balance")),
+        state=qbo_payment_state(found),
+        due_date=date.fromisoformat(str(due)[:10]) if due else None,
+    )
+
+
+def _decimal(value: Any) -> Decimal:
+    return Decimal(str(value)) if value is not None else Decimal(0)
 
 
 def qbo_amount(amount: Decimal, currency: str) -> Decimal:

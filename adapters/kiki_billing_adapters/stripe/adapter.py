@@ -20,6 +20,7 @@ from kiki_billing.plugin import (
     InvoiceLine,
     RateLimit,
     RateWindow,
+    RemoteInvoice,
     Step,
     StepContext,
     StepRequest,
@@ -43,11 +44,14 @@ from .wire import (
     MAX_INVOICE_ITEMS,
     MAX_ITEM_DESCRIPTION,
     TEST_RATE,
+    carries,
     customer_search_query,
     invoice_description,
+    invoice_search_query,
     invoice_total_minor,
     line_item_ref,
     stripe_amount,
+    to_remote_invoice,
     to_stripe_customer,
     to_stripe_finalize,
     to_stripe_invoice,
@@ -368,6 +372,42 @@ class StripeAdapter(BillingAdapter[StripeSettings, StripeClientSettings]):
         # An open invoice is sent (again): at worst a second email, never a second invoice.
         return _status_refs(invoice) if status in ("paid", "void", "uncollectible") else None
 
+    # -- reading back -----------------------------------------------------------------------
+
+    def remote_invoices(self, invoice: Invoice, refs: Mapping[str, str]) -> list[RemoteInvoice]:
+        """Every Stripe invoice carrying this number and revision in its metadata (read-only).
+
+        Two reads: the recorded customer's invoices created since the period started (a list is
+        read-after-write, so a just-made invoice is there), and a Search over every customer
+        (a duplicate made under another customer, e.g. by a run that did not find the
+        customer yet). Each page beyond the first is one more request.
+        """
+        found: dict[str, RemoteInvoice] = {}
+        customer_id = refs.get(CUSTOMER_ID)
+        if customer_id:
+            since = created_since(invoice)
+            listed = _paginate(
+                lambda params: self.client.v1.invoices.list(
+                    params=cast(Any, {"customer": customer_id, "created": {"gte": since}, **params})
+                ),
+                _no_throttle,
+            )
+            for item in listed:
+                if carries(item, invoice):
+                    found[str(item["id"])] = to_remote_invoice(item)
+        # NOTE: Search "is not suitable for read-after-write flows": an object shows up to a
+        # minute after it changed (stripe.com/docs/search). What the list above did not cover
+        # (another customer) is found once Search has it; a state read here may lag that much.
+        searched = _search_pages(
+            lambda params: self.client.v1.invoices.search(
+                params=cast(Any, {"query": invoice_search_query(invoice), **params})
+            )
+        )
+        for item in searched:
+            if carries(item, invoice) and str(item["id"]) not in found:
+                found[str(item["id"])] = to_remote_invoice(item)
+        return list(found.values())
+
     # -- errors -----------------------------------------------------------------------------
 
     def classify(self, error: Exception) -> DeliveryError:
@@ -467,3 +507,18 @@ def _paginate(
             return
         throttle()  # the next page is another request of the account
         params["starting_after"] = data[-1]["id"]
+
+
+def _search_pages(fetch: Callable[[dict[str, Any]], Any]) -> Iterator[dict[str, Any]]:
+    """Every object of a Stripe Search, following ``next_page``."""
+    params: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
+    while True:
+        page = _plain(fetch(dict(params)))
+        yield from page.get("data") or []
+        if not page.get("has_more") or not page.get("next_page"):
+            return
+        params["page"] = page["next_page"]
+
+
+def _no_throttle() -> None:
+    """A read back is no step: no step context reserves a rate-limit slot for its pages."""

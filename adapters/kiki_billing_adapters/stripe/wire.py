@@ -7,6 +7,7 @@ none does I/O.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -16,6 +17,8 @@ from kiki_billing.plugin import (
     InputError,
     Invoice,
     InvoiceLine,
+    PaymentState,
+    RemoteInvoice,
     currency_exponent,
 )
 
@@ -52,6 +55,30 @@ INVOICE_STATUS = "invoice_status"
 INVOICE_NUMBER = "invoice_number"
 
 
+def stripe_exponent(currency: str) -> int:
+    """How many decimals Stripe's integer amounts carry in ``currency``.
+
+    Raises:
+        AmountLimitError: An unknown currency.
+    """
+    code = currency.upper()
+    if code in ZERO_DECIMAL_CURRENCIES:
+        return 0
+    if code in THREE_DECIMAL_CURRENCIES:
+        return 3
+    if code in TWO_DECIMAL_WHOLE_CURRENCIES:
+        return 2
+    try:
+        return currency_exponent(code)
+    except InputError as exc:
+        raise AmountLimitError(exc.message) from None
+
+
+def from_stripe_amount(amount_minor: int, currency: str) -> Decimal:
+    """A Stripe integer amount in the currency's major unit (``1999`` USD -> ``19.99``)."""
+    return Decimal(int(amount_minor)).scaleb(-stripe_exponent(currency), context=MONEY_CONTEXT)
+
+
 def stripe_amount(amount: Decimal, currency: str) -> int:
     """Convert a major-unit amount to the integer Stripe expects for ``currency``.
 
@@ -67,17 +94,7 @@ def stripe_amount(amount: Decimal, currency: str) -> int:
             Stripe's rules for the currency, or it exceeds 99,999,999 minor units.
     """
     code = currency.upper()
-    if code in ZERO_DECIMAL_CURRENCIES:
-        exponent = 0
-    elif code in THREE_DECIMAL_CURRENCIES:
-        exponent = 3
-    elif code in TWO_DECIMAL_WHOLE_CURRENCIES:
-        exponent = 2
-    else:
-        try:
-            exponent = currency_exponent(code)
-        except InputError as exc:
-            raise AmountLimitError(exc.message) from None
+    exponent = stripe_exponent(code)
     scaled = amount.scaleb(exponent, context=MONEY_CONTEXT)
     if scaled != scaled.to_integral_value():
         if code in ZERO_DECIMAL_CURRENCIES:
@@ -226,3 +243,79 @@ def invoice_total_minor(invoice: Invoice) -> int:
         AmountLimitError: A line cannot be sent to Stripe.
     """
     return sum(stripe_amount(line.fee, invoice.currency) for line in invoice.lines)
+
+
+def invoice_search_query(invoice: Invoice) -> str:
+    """The Stripe Search query for every invoice carrying this number and revision."""
+    number = invoice.number.replace("\\", "\\\\").replace("'", "\\'")
+    return (
+        f"metadata['kiki_invoice_number']:'{number}' AND "
+        f"metadata['kiki_revision']:'{invoice.revision}'"
+    )
+
+
+def carries(found: Mapping[str, Any], invoice: Invoice) -> bool:
+    """Whether a Stripe invoice carries this invoice's number and revision in its metadata."""
+    metadata = found.get("metadata") or {}
+    return bool(
+        metadata.get("kiki_invoice_number") == invoice.number
+        and metadata.get("kiki_revision") == str(invoice.revision)
+    )
+
+
+def stripe_payment_state(found: Mapping[str, Any]) -> PaymentState:
+    """A Stripe invoice's :class:`PaymentState`.
+
+    ``draft``, ``paid``, ``void`` and ``uncollectible`` are Stripe's own statuses (2023-08-16
+    spec: "one of draft, open, paid, uncollectible, or void"). An ``open`` invoice is
+    ``partly_paid`` once something is paid of it, else ``payment_failed`` after a failed
+    collection attempt, else ``open``.
+    """
+    status = str(found.get("status") or "")
+    if status in ("draft", "paid", "void", "uncollectible"):
+        return PaymentState(status)
+    if status != "open":
+        raise ValueError(f"unknown Stripe invoice status {status!r}")
+    if int(found.get("amount_paid") or 0) > 0:
+        return PaymentState.PARTLY_PAID
+    # NOTE: attempt_count is the "number of payment attempts made for this invoice" (any
+    # attempt counts as the first; automatic retries add to it), and `paid` is "whether payment
+    # was successfully collected" (2023-08-16 spec, invoice). An open invoice with an attempt and
+    # no successful payment had its collection fail; Stripe keeps it open and retries (Smart
+    # Retries) until it is paid, voided or marked uncollectible. A payment still processing
+    # (a bank debit) looks the same until it settles.
+    if int(found.get("attempt_count") or 0) > 0 and not found.get("paid"):
+        return PaymentState.PAYMENT_FAILED
+    return PaymentState.OPEN
+
+
+def to_remote_invoice(found: Mapping[str, Any]) -> RemoteInvoice:
+    """A Stripe invoice (as listed or searched) as the hub reads it back."""
+    currency = str(found["currency"]).upper()
+    metadata = found.get("metadata") or {}
+    revision = str(metadata.get("kiki_revision") or "")
+    customer = found.get("customer")
+    if isinstance(customer, Mapping):
+        customer = customer.get("id")
+    refs = {INVOICE_ID: str(found["id"]), INVOICE_STATUS: str(found.get("status") or "")}
+    if customer:
+        refs[CUSTOMER_ID] = str(customer)
+    if found.get("number"):
+        refs[INVOICE_NUMBER] = str(found["number"])
+    due = found.get("due_date")
+    return RemoteInvoice(
+        refs=refs,
+        kiki_number=metadata.get("kiki_invoice_number"),
+        kiki_revision=int(revision) if revision.isdigit() else None,
+        number=str(found["number"]) if found.get("number") else None,
+        currency=currency,
+        total=from_stripe_amount(int(found.get("total") or 0), currency),
+        amount_paid=from_stripe_amount(int(found.get("amount_paid") or 0), currency),
+        state=stripe_payment_state(found),
+        due_date=_epoch_date(due) if due else None,
+    )
+
+
+def _epoch_date(seconds: int) -> date:
+    # NOTE: Stripe's timestamps are Unix seconds; the due day is taken in UTC.
+    return datetime.fromtimestamp(int(seconds), UTC).date()

@@ -24,6 +24,7 @@ from kiki_billing.plugin import (
     Invoice,
     RateLimit,
     RateWindow,
+    RemoteInvoice,
     Step,
     StepContext,
     StepRequest,
@@ -39,6 +40,7 @@ from .wire import (
     CONCURRENT_LIMIT,
     CONTACT_ID,
     DAY_LIMIT,
+    GONE_STATUSES,
     INVOICE_ID,
     INVOICE_NUMBER,
     INVOICE_STATUS,
@@ -55,7 +57,9 @@ from .wire import (
     encode_json,
     invoice_lookup_path,
     invoices_create_path,
+    number_revision,
     only_element,
+    to_remote_invoice,
     to_xero_contact,
     to_xero_invoice,
     xero_amount,
@@ -350,6 +354,24 @@ class XeroAdapter(BillingAdapter[XeroSettings, XeroClientSettings]):
             INVOICE_NUMBER: str(created.get("InvoiceNumber") or number),
             INVOICE_STATUS: str(created.get("Status") or ctx.client.status),
         }
+
+    # -- reading back -----------------------------------------------------------------------
+
+    def remote_invoices(self, invoice: Invoice, refs: Mapping[str, str]) -> list[RemoteInvoice]:
+        """Every ACCREC invoice Xero holds under this revision's InvoiceNumber (read-only).
+
+        One ``GET /Invoices?InvoiceNumbers=``: it returns the recorded invoice with any other
+        carrying the number, so ``refs`` are not needed. Deleted invoices count as gone.
+        """
+        number = xero_invoice_number(invoice)
+        answer = self._call("GET", invoice_lookup_path(number))
+        return [
+            to_remote_invoice(found, invoice)
+            for found in answer.body.get("Invoices") or []
+            if found.get("Type") == "ACCREC"
+            and number_revision(str(found.get("InvoiceNumber", "")), invoice) == invoice.revision
+            and found.get("Status") not in GONE_STATUSES
+        ]
 
     # -- errors -----------------------------------------------------------------------------
 

@@ -8,8 +8,9 @@ exact decimal text (Xero's JSON takes numbers; a float would not always be exact
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -20,6 +21,8 @@ from kiki_billing.plugin import (
     InputError,
     Invoice,
     InvoiceLine,
+    PaymentState,
+    RemoteInvoice,
     TerminalError,
     currency_exponent,
 )
@@ -89,6 +92,14 @@ def xero_invoice_number(invoice: Invoice) -> str:
     correction (void plus reissue) needs a number of its own.
     """
     return invoice.number if invoice.revision == 0 else f"{invoice.number}-R{invoice.revision}"
+
+
+def number_revision(invoice_number: str, invoice: Invoice) -> int | None:
+    """The revision a Xero ``InvoiceNumber`` stands for, if it is one of ``invoice``'s numbers."""
+    if invoice_number.casefold() == invoice.number.casefold():
+        return 0
+    found = re.fullmatch(re.escape(invoice.number) + r"-R([1-9]\d*)", invoice_number, re.I)
+    return int(found[1]) if found else None
 
 
 def invoice_reference(invoice: Invoice) -> str:
@@ -285,3 +296,82 @@ def error_message(body: Any, fallback: str) -> tuple[str, str | None]:
             detail = body.get("error_description")
             return (f"{code}: {detail}" if detail else code), code
     return fallback, None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading invoices back
+# --------------------------------------------------------------------------------------------
+
+# NOTE: a DELETED invoice (only DRAFT and SUBMITTED ones can be deleted) is gone for billing
+# purposes, though Xero may still list it; the hub reads it as no invoice at all.
+GONE_STATUSES = frozenset({"DELETED"})
+
+
+def xero_payment_state(found: Mapping[str, Any]) -> PaymentState:
+    """A Xero invoice's :class:`PaymentState`.
+
+    Xero's statuses (xero_accounting.yaml 16.1.0, Invoice.Status): DRAFT and SUBMITTED (awaiting
+    approval, not yet issued) read as draft; AUTHORISED is open, or partly paid once a payment
+    or credit note lowered what is due (AmountPaid, AmountCredited); PAID is paid and VOIDED
+    void. Xero has no failed collection and no uncollectible status.
+    """
+    status = str(found.get("Status") or "")
+    if status in ("DRAFT", "SUBMITTED"):
+        return PaymentState.DRAFT
+    if status == "PAID":
+        return PaymentState.PAID
+    if status == "VOIDED":
+        return PaymentState.VOID
+    if status != "AUTHORISED":
+        raise ValueError(f"unknown Xero invoice status {status!r}")
+    if _money(found.get("AmountDue")) <= 0 < _money(found.get("Total")):
+        return PaymentState.PAID
+    if _money(found.get("AmountPaid")) > 0 or _money(found.get("AmountCredited")) > 0:
+        return PaymentState.PARTLY_PAID
+    return PaymentState.OPEN
+
+
+def to_remote_invoice(found: Mapping[str, Any], invoice: Invoice) -> RemoteInvoice:
+    """A Xero invoice (as listed) as the hub reads it back."""
+    number = str(found.get("InvoiceNumber") or "")
+    refs = {
+        INVOICE_ID: str(found["InvoiceID"]),
+        INVOICE_NUMBER: number,
+        INVOICE_STATUS: str(found.get("Status") or ""),
+    }
+    contact = (found.get("Contact") or {}).get("ContactID")
+    if contact:
+        refs[CONTACT_ID] = str(contact)
+    revision = number_revision(number, invoice)
+    return RemoteInvoice(
+        refs=refs,
+        kiki_number=invoice.number if revision is not None else None,
+        kiki_revision=revision,
+        number=number or None,
+        currency=str(found.get("CurrencyCode") or "").upper(),
+        total=_money(found.get("Total")),
+        # NOTE: AmountPaid is the "Sum of payments received for invoice"; credit notes, over-
+        # and prepayments applied are AmountCredited (xero_accounting.yaml 16.1.0), not paid.
+        amount_paid=_money(found.get("AmountPaid")),
+        state=xero_payment_state(found),
+        due_date=xero_date(found.get("DueDateString") or found.get("DueDate")),
+    )
+
+
+_MS_DATE = re.compile(r"/Date\((-?\d+)(?:[+-]\d{4})?\)/")
+
+
+def xero_date(value: Any) -> date | None:
+    """A date Xero answered: ``2026-03-03T00:00:00`` (``...String`` fields) or ``/Date(ms)/``."""
+    if not value:
+        return None
+    text = str(value)
+    found = _MS_DATE.fullmatch(text)
+    if found:
+        # NOTE: the milliseconds of a /Date(ms+0000)/ are the day's midnight in UTC.
+        return datetime.fromtimestamp(int(found[1]) / 1000, UTC).date()
+    return date.fromisoformat(text[:10])
+
+
+def _money(value: Any) -> Decimal:
+    return Decimal(str(value)) if value is not None else Decimal(0)

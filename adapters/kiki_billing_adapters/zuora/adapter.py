@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ from kiki_billing.plugin import (
     Invoice,
     RateLimit,
     RateWindow,
+    RemoteInvoice,
     Step,
     StepContext,
     StepRequest,
@@ -62,16 +64,22 @@ from .wire import (
     account_number,
     account_query,
     account_status_query,
+    accounts_currency_query,
     contact_query,
+    invoice_items_of_query,
     invoice_items_query,
     invoice_query,
+    invoices_query,
+    notes_revision,
     subscription_name,
     subscription_query,
+    subscriptions_of_query,
     to_zuora_account,
     to_zuora_activation,
     to_zuora_contact,
     to_zuora_subscribe,
     zuora_amount,
+    zuora_payment_state,
 )
 
 ZuoraStep = Step[ZuoraClientSettings]
@@ -414,10 +422,61 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
             )
         return refs
 
+    # -- reading back -----------------------------------------------------------------------
+
+    def remote_invoices(self, invoice: Invoice, refs: Mapping[str, str]) -> list[RemoteInvoice]:
+        """Every Zuora invoice of a subscription made for this invoice number and revision.
+
+        Read-only (``login`` and ``query`` only), three queries whatever ``refs`` say: the
+        subscriptions named after the invoice number (each delivery's unique name starts with
+        it; the revision is in their Notes), their invoice items, then those invoices. The
+        account's currency comes from ``refs`` when the invoice is on the recorded account, else
+        one more query.
+        """
+        subscriptions = {
+            str(s.Id): s
+            for s in self._read(subscriptions_of_query(invoice), first=True)
+            if str(s.Name or "").startswith(invoice.number + "-")
+            and notes_revision(s.Notes, invoice) == invoice.revision
+        }
+        if not subscriptions:
+            return []
+        items = self._read(invoice_items_of_query(subscriptions))
+        ours: dict[str, str] = {}
+        for item in items:
+            if item.InvoiceId and str(item.SubscriptionId) in subscriptions:
+                ours.setdefault(str(item.InvoiceId), str(item.SubscriptionId))
+        if not ours:
+            return []  # the invoices were deleted (or never generated)
+        invoices = self._read(invoices_query(ours))
+        currencies: dict[str, str] = {}
+        if refs.get(ACCOUNT_ID) and refs.get(ACCOUNT_CURRENCY):
+            currencies[refs[ACCOUNT_ID]] = refs[ACCOUNT_CURRENCY]
+        unknown = {str(i.AccountId) for i in invoices} - set(currencies)
+        if unknown:
+            for account in self._read(accounts_currency_query(unknown)):
+                currencies[str(account.Id)] = str(account.Currency or "").upper()
+        found = []
+        for record in invoices:
+            subscription = subscriptions[ours[str(record.Id)]]
+            found.append(
+                _remote_invoice(record, subscription, currencies, invoice.number, invoice.revision)
+            )
+        return found
+
+    def _read(self, zoql: str, *, first: bool = False) -> list[Any]:
+        """One query outside any step; every record, or an error when Zuora pages them."""
+        result = self._post(_no_throttle, self.wsdl.query(zoql), first=first)
+        if getattr(result, "done", True) is False:
+            # NOTE: a query answers at most 2,000 records before queryMore (Zuora, "query()");
+            # one invoice's subscriptions, items and invoices are a handful.
+            raise TerminalError(f"Zuora paged the answer to {zoql[:80]!r}: too many records")
+        return list(getattr(result, "records", None) or [])
+
     # -- calls ------------------------------------------------------------------------------
 
     def _query(self, ctx: ZuoraContext, zoql: str, *, first: bool) -> list[Any]:
-        result = self._post(ctx, self.wsdl.query(zoql), first=first)
+        result = self._post(ctx.throttle, self.wsdl.query(zoql), first=first)
         return list(getattr(result, "records", None) or [])
 
     def _save(self, ctx: ZuoraContext, request: StepRequest, *, first: bool) -> str:
@@ -431,17 +490,17 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
         envelope = Envelope(
             str(request.payload["operation"]), str(request.payload["envelope"]), request.headers
         )
-        return self._post(ctx, envelope, first=first)
+        return self._post(ctx.throttle, envelope, first=first)
 
-    def _post(self, ctx: ZuoraContext, envelope: Envelope, *, first: bool) -> Any:
+    def _post(self, throttle: Callable[[], object], envelope: Envelope, *, first: bool) -> Any:
         """One request with a valid session; a login before it takes its own rate slot.
 
         ``first``: the first request of the step's attempt (the hub reserved its slot);
-        every further request reserves one with ``ctx.throttle()``.
+        every further request reserves one with ``throttle()`` (the step's ``ctx.throttle``).
         """
         session, logged_in = self._current_session()
         if logged_in or not first:
-            ctx.throttle()
+            throttle()
         try:
             return self.wsdl.post(self.transport, session.address, envelope, session=session.id)
         except ZuoraApiError as exc:
@@ -619,3 +678,56 @@ def _decimal(value: Any) -> Decimal | None:
         return Decimal(str(value))
     except InvalidOperation:
         return None
+
+
+def _no_throttle() -> None:
+    """A read back is no step: no step context reserves a rate-limit slot for it."""
+
+
+def _remote_invoice(
+    record: Any,
+    subscription: Any,
+    currencies: Mapping[str, str],
+    number: str,
+    revision: int,
+) -> RemoteInvoice:
+    """A Zuora invoice record as the hub reads it back."""
+    amount = _decimal(record.Amount) or Decimal(0)
+    balance = _decimal(record.Balance) or Decimal(0)
+    status = str(record.Status or "")
+    state = zuora_payment_state(status, amount, balance)
+    if state is None:
+        raise TerminalError(
+            f"Zuora invoice {record.InvoiceNumber} ({record.Id}) has status {status!r}, which "
+            "kiki-billing does not know (Draft, Posted and Canceled are)",
+            code="invoice_status",
+        )
+    currency = currencies.get(str(record.AccountId), "")
+    if not currency:
+        raise TerminalError(
+            f"Zuora account {record.AccountId} of invoice {record.Id} has no currency"
+        )
+    refs = {
+        INVOICE_ID: str(record.Id),
+        INVOICE_NUMBER: str(record.InvoiceNumber or ""),
+        INVOICE_STATUS: status,
+        ACCOUNT_ID: str(record.AccountId),
+        SUBSCRIPTION_ID: str(subscription.Id),
+        SUBSCRIPTION_NAME: str(subscription.Name),
+    }
+    due = record.DueDate
+    return RemoteInvoice(
+        refs=refs,
+        kiki_number=number,
+        kiki_revision=revision,
+        number=str(record.InvoiceNumber) if record.InvoiceNumber else None,
+        currency=currency,
+        total=amount,
+        # NOTE: "Amount - Payments + Adjustments - Applied Credit Balance = Balance", and a
+        # refund of a payment leaves PaymentAmount as it was and adds RefundAmount (SOAP object
+        # reference, Invoice, "Additional field details"): paid is payments less refunds.
+        amount_paid=(_decimal(record.PaymentAmount) or Decimal(0))
+        - (_decimal(record.RefundAmount) or Decimal(0)),
+        state=state,
+        due_date=due if isinstance(due, date) else None,
+    )

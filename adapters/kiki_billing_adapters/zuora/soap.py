@@ -65,7 +65,16 @@ FIELDS: Mapping[str, Sequence[str]] = {
     ),
     f"{{{OBJECT_NS}}}RatePlan": ("ProductRatePlanId",),
     f"{{{OBJECT_NS}}}RatePlanCharge": ("Description", "Price", "ProductRatePlanChargeId"),
-    f"{{{OBJECT_NS}}}Invoice": ("AccountId", "Amount", "Balance", "InvoiceNumber", "Status"),
+    f"{{{OBJECT_NS}}}Invoice": (
+        "AccountId",
+        "Amount",
+        "Balance",
+        "DueDate",
+        "InvoiceNumber",
+        "PaymentAmount",
+        "RefundAmount",
+        "Status",
+    ),
     f"{{{OBJECT_NS}}}InvoiceItem": ("InvoiceId", "SubscriptionId"),
     f"{{{API_NS}}}SubscribeRequest": ("Account", "SubscribeOptions", "SubscriptionData"),
     f"{{{API_NS}}}SubscribeOptions": (

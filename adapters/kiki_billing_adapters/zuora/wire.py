@@ -6,6 +6,8 @@ sends them; ``soap.py`` turns them into envelopes. None does I/O.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -14,6 +16,7 @@ from kiki_billing.plugin import (
     AmountLimitError,
     InputError,
     Invoice,
+    PaymentState,
     currency_exponent,
 )
 
@@ -124,6 +127,83 @@ def invoice_items_query(subscription_id: str) -> str:
     return zoql_select(
         "Id, InvoiceId, SubscriptionId", "InvoiceItem", "SubscriptionId", subscription_id
     )
+
+
+def zoql_any(fields: str, zobject: str, field: str, values: Iterable[str]) -> str:
+    """``select <fields> from <zobject> where <field> = 'a' or <field> = 'b' ...``."""
+    alternatives = " or ".join(f"{field} = {zoql_literal(v)}" for v in sorted(set(values)))
+    return f"select {fields} from {zobject} where {alternatives}"  # noqa: S608
+
+
+def subscriptions_of_query(invoice: Invoice) -> str:
+    """Every subscription whose name starts with the invoice number and a dash.
+
+    NOTE: ZOQL's ``like`` takes ``%`` (any characters) and ``_`` (one character) as wildcards
+    (Zuora, "Filter Statements"); an ``_`` in the number matches any character, so the caller
+    keeps only names that start with the number itself.
+    """
+    return (
+        "select Id, Name, AccountId, Notes, Status from Subscription where Name like "  # noqa: S608
+        + zoql_literal(invoice.number + "-%")
+    )
+
+
+def invoice_items_of_query(subscription_ids: Iterable[str]) -> str:
+    """The invoice items the charges of these subscriptions produced."""
+    return zoql_any(
+        "Id, InvoiceId, SubscriptionId", "InvoiceItem", "SubscriptionId", subscription_ids
+    )
+
+
+READ_INVOICE_FIELDS = (
+    "Id, AccountId, InvoiceNumber, Amount, Balance, PaymentAmount, RefundAmount, Status, DueDate"
+)
+
+
+def invoices_query(invoice_ids: Iterable[str]) -> str:
+    """These invoices, with what is needed to read their payment state."""
+    return zoql_any(READ_INVOICE_FIELDS, "Invoice", "Id", invoice_ids)
+
+
+def accounts_currency_query(account_ids: Iterable[str]) -> str:
+    """The currency of these accounts (a Zuora invoice is in its account's currency)."""
+    return zoql_any("Id, Currency", "Account", "Id", account_ids)
+
+
+def notes_revision(notes: str | None, invoice: Invoice) -> int | None:
+    """The revision of ``invoice`` a subscription's Notes name, if they name it.
+
+    The Notes are :func:`to_zuora_subscribe`'s: "... invoice <number>[ revision <n>]".
+    """
+    found = re.search(
+        rf"invoice {re.escape(invoice.number)}(?: revision (?P<revision>\d+))?$", notes or ""
+    )
+    if found is None:
+        return None
+    return int(found["revision"]) if found["revision"] else 0
+
+
+def zuora_payment_state(status: str, amount: Decimal, balance: Decimal) -> PaymentState | None:
+    """A Zuora invoice's :class:`PaymentState` (``None`` for a status Zuora did not document).
+
+    Zuora's invoice statuses are Canceled, Draft, Error and Posted (SOAP object reference,
+    Invoice.Status). A Posted invoice is open, partly paid or paid by its ``Balance`` ("the
+    remaining balance of the invoice after all payments, adjustments, and refunds are
+    applied") against its ``Amount``; a Canceled one is void; Error is left to the caller.
+    Zuora marks no failed collection or uncollectible invoice (a failed electronic payment is a
+    Payment in Error; the invoice stays Posted and open).
+    """
+    if status == "Draft":
+        return PaymentState.DRAFT
+    if status == "Canceled":
+        return PaymentState.VOID
+    if status != "Posted":
+        return None
+    if balance <= 0:
+        return PaymentState.PAID
+    if balance < amount:
+        return PaymentState.PARTLY_PAID
+    return PaymentState.OPEN
 
 
 def invoice_query(invoice_id: str) -> str:

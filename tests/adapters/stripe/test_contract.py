@@ -62,6 +62,9 @@ class TestStripeAdapterContract(AdapterContractSuite):
     def expire_keys(self) -> None:
         self.fake.advance_clock(24 * 3600 + 1)  # Stripe keeps a key at least 24 h
 
+    def writes(self) -> int:
+        return len(self.fake.writes_since(0))
+
     def sent(self, key: str) -> SentRequest | None:
         found = [r for r in self.fake.requests if r.idempotency_key == key]
         if not found:

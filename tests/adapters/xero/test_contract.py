@@ -60,6 +60,9 @@ class TestXeroAdapterContract(AdapterContractSuite):
     def expire_keys(self) -> None:
         self.fake.expire_keys()
 
+    def writes(self) -> int:
+        return len(self.fake.writes_since(0))
+
     def sent(self, key: str) -> SentRequest | None:
         found = [r for r in self.fake.requests if r.idempotency_key == key]
         if not found:

@@ -81,6 +81,9 @@ class ZuoraContract(AdapterContractSuite):
         # What does expire is the session; the next push must log in again.
         self.fake.expire_sessions()
 
+    def writes(self) -> int:
+        return len(self.fake.writes_since(0))
+
     def sent(self, key: str) -> SentRequest | None:
         marker = f"-{key[:19]}</"
         found = [r for r in self.fake.requests if marker in r.body and "subscribe" in r.body]
