@@ -163,12 +163,28 @@ def create_or_migrate(conn: sa.Connection) -> None:
         sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
     ).scalar()
     if version is None:
-        conn.execute(meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+        # Another process opening the same new ledger may insert it first (SQLite takes no
+        # lock for the read above): a conflict is that, not an error.
+        conn.execute(
+            _insert_unless_present(conn).values(key="schema_version", value=str(SCHEMA_VERSION))
+        )
     elif int(version) > SCHEMA_VERSION:
         raise RuntimeError(
             f"the ledger has schema version {version}; this kiki-billing knows up to "
             f"{SCHEMA_VERSION}: upgrade kiki-billing"
         )
+
+
+def _insert_unless_present(conn: sa.Connection) -> Any:
+    if conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(meta_table).on_conflict_do_nothing()
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(meta_table).on_conflict_do_nothing()
+    return meta_table.insert()
 
 
 def _add_missing_columns(conn: sa.Connection, inspector: Any, existing: set[str]) -> None:

@@ -177,9 +177,11 @@ class Ledger:
                     create_or_migrate(conn)
                 return
             except sa.exc.OperationalError as exc:
-                # SQLite: another process created or migrated a table meanwhile; read again.
+                # SQLite: another process created, migrated or widened a table meanwhile (it
+                # takes no lock for the reads that decided what to do): read again.
                 text = str(exc.orig)
-                if attempt == 10 or ("already exists" not in text and "locked" not in text):
+                racing = ("already exists", "locked", "duplicate column", "no such table")
+                if attempt == 10 or not any(phrase in text for phrase in racing):
                     raise
                 time.sleep(0.05 * attempt)
 
