@@ -212,3 +212,22 @@ def test_a_column_added_to_the_schema_is_added_to_an_existing_ledger(url: str) -
     columns = {c["name"] for c in sa.inspect(ledger.engine).get_columns("delivery_steps")}
     assert "origin" in columns
     ledger.close()
+
+
+def test_processes_upgrading_one_ledger_at_once_upgrade_it_once(url: str) -> None:
+    from tests.hub.test_ledger import run_at_once
+
+    write_v1_ledger(url)
+
+    def open_it() -> int:
+        ledger = Ledger(url)
+        try:
+            return len(ledger.deliveries())
+        finally:
+            ledger.close()
+
+    assert run_at_once([open_it] * 6) == [1] * 6
+    ledger = Ledger(url)
+    with ledger.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM kiki_meta")).scalar() == 1
+    ledger.close()
