@@ -231,3 +231,27 @@ def test_processes_upgrading_one_ledger_at_once_upgrade_it_once(url: str) -> Non
     with ledger.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM kiki_meta")).scalar() == 1
     ledger.close()
+
+
+def test_an_upgrade_that_fails_halfway_leaves_the_old_ledger_whole(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_v1_ledger(url)
+    from kiki_billing.hub.ledger import schema
+
+    def killed(document: str) -> str:
+        raise RuntimeError("killed while rehashing invoices")
+
+    monkeypatch.setattr(schema, "billing_hash_of_document", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        Ledger(url)
+    engine = sa.create_engine(url)
+    tables = set(sa.inspect(engine).get_table_names())
+    assert "kiki_meta" not in tables and "deliveries_v1" not in tables
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM deliveries")).scalar() == 1
+    engine.dispose()
+    monkeypatch.undo()
+    ledger = Ledger(url)  # the next opening upgrades it
+    assert len(ledger.deliveries()) == 1
+    ledger.close()

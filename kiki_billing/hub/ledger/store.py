@@ -166,24 +166,39 @@ class Ledger:
         self._create_schema()
 
     def _create_schema(self) -> None:
-        """Create or migrate the tables; safe when several processes open a ledger at once."""
-        for attempt in range(1, 11):
-            try:
-                with self.engine.begin() as conn:
-                    if conn.dialect.name == "postgresql":
-                        # Concurrent CREATE TABLEs collide in pg_type: serialise them (the lock
-                        # is released at commit, and the next creator then finds the tables).
-                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7049590145)"))
-                    create_or_migrate(conn)
-                return
-            except sa.exc.OperationalError as exc:
-                # SQLite: another process created, migrated or widened a table meanwhile (it
-                # takes no lock for the reads that decided what to do): read again.
-                text = str(exc.orig)
-                racing = ("already exists", "locked", "duplicate column", "no such table")
-                if attempt == 10 or not any(phrase in text for phrase in racing):
-                    raise
-                time.sleep(0.05 * attempt)
+        """Create or migrate the tables, atomically, and one process at a time."""
+        if self.engine.dialect.name == "sqlite":
+            self._create_sqlite_schema()
+            return
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Concurrent CREATE TABLEs collide in pg_type: serialise them (the lock is
+                # released at commit, and the next creator then finds the tables).
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7049590145)"))
+            create_or_migrate(conn)
+
+    def _create_sqlite_schema(self) -> None:
+        # NOTE: Python's sqlite3 runs DDL outside any transaction (it begins one only before
+        # INSERT/UPDATE/DELETE), so a migration killed halfway would leave a half-migrated
+        # ledger and two processes could migrate at once. Schema work gets its own engine
+        # whose transactions start with BEGIN IMMEDIATE: atomic, and serialised by SQLite's
+        # write lock (the busy timeout makes the others wait, then find the work done).
+        engine = sa.create_engine(self.url, connect_args={"timeout": 60}, poolclass=sa.NullPool)
+
+        @sa.event.listens_for(engine, "connect")
+        def _manual_transactions(dbapi_connection: Any, _record: Any) -> None:
+            _journal_mode_wal(dbapi_connection.cursor())
+            dbapi_connection.isolation_level = None
+
+        @sa.event.listens_for(engine, "begin")
+        def _immediate(conn: sa.Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        try:
+            with engine.begin() as conn:
+                create_or_migrate(conn)
+        finally:
+            engine.dispose()
 
     @staticmethod
     def _engine(url: str) -> Engine:
@@ -226,64 +241,66 @@ class Ledger:
             InvoiceConflictError: It was recorded before with other billed content, or the
                 client already has another number for the period.
         """
-        billing = invoice.billing_hash()
+        document, billing = invoice.document_and_billing_hash()
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                self._statement(
-                    "invoice_of_client",
-                    lambda: sa.select(invoices_table.c.number, invoices_table.c.content_hash).where(
-                        invoices_table.c.client_id == sa.bindparam("client_id"),
-                        invoices_table.c.period == sa.bindparam("period"),
-                        invoices_table.c.revision == sa.bindparam("revision"),
-                    ),
-                ),
-                {
-                    "client_id": invoice.client_id,
-                    "period": invoice.period,
-                    "revision": invoice.revision,
-                },
-            ).all()
-            existing = next((r.content_hash for r in rows if r.number == invoice.number), None)
-            other = next((r.number for r in rows if r.number != invoice.number), None)
-            if other is not None:
-                raise InvoiceConflictError(other_number_message(invoice, other))
-            if existing is None:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(
-                            invoices_table.insert().values(
-                                number=invoice.number,
-                                revision=invoice.revision,
-                                client_id=invoice.client_id,
-                                period=invoice.period,
-                                currency=invoice.currency,
-                                total_fee=format(invoice.total_fee, "f"),
-                                content_hash=billing,
-                                document=invoice.canonical_json(),
-                                recorded_at=_now(),
-                            )
-                        )
-                    return
-                except sa.exc.IntegrityError:
-                    existing = self.recorded_hash(invoice.number, invoice.revision, conn)
-        if existing != billing:
-            raise InvoiceConflictError(conflict_message(invoice, existing))
+            problem = self._record_invoice(conn, invoice, document, billing)
+        if problem is not None:
+            raise InvoiceConflictError(problem)
 
     def invoice_conflict(self, invoice: Invoice) -> str | None:
         """Why :meth:`record_invoice` would refuse ``invoice``, without writing anything."""
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(invoices_table.c.number, invoices_table.c.content_hash).where(
-                    invoices_table.c.client_id == invoice.client_id,
-                    invoices_table.c.period == invoice.period,
-                    invoices_table.c.revision == invoice.revision,
-                )
-            ).all()
+            return self._invoice_problem(conn, invoice, invoice.billing_hash())[0]
+
+    def _invoice_problem(
+        self, conn: sa.Connection, invoice: Invoice, billing: str
+    ) -> tuple[str | None, bool]:
+        """Why the invoice clashes with the recorded ones, and whether it is recorded."""
+        rows = conn.execute(
+            self._statement(
+                "invoice_of_client",
+                lambda: sa.select(invoices_table.c.number, invoices_table.c.content_hash).where(
+                    invoices_table.c.client_id == sa.bindparam("client_id"),
+                    invoices_table.c.period == sa.bindparam("period"),
+                    invoices_table.c.revision == sa.bindparam("revision"),
+                ),
+            ),
+            {
+                "client_id": invoice.client_id,
+                "period": invoice.period,
+                "revision": invoice.revision,
+            },
+        ).all()
         for row in rows:
             if row.number != invoice.number:
-                return other_number_message(invoice, row.number)
-            if row.content_hash != invoice.billing_hash():
-                return conflict_message(invoice, row.content_hash)
+                return other_number_message(invoice, row.number), True
+            if row.content_hash != billing:
+                return conflict_message(invoice, row.content_hash), True
+        return None, bool(rows)
+
+    def _record_invoice(
+        self, conn: sa.Connection, invoice: Invoice, document: str, billing: str
+    ) -> str | None:
+        """Record the invoice unless it is; the reason it clashes, or ``None``."""
+        problem, recorded = self._invoice_problem(conn, invoice, billing)
+        if problem is not None or recorded:
+            return problem
+        inserted = conn.execute(
+            self._insert_new(invoices_table),
+            {
+                "number": invoice.number,
+                "revision": invoice.revision,
+                "client_id": invoice.client_id,
+                "period": invoice.period,
+                "currency": invoice.currency,
+                "total_fee": format(invoice.total_fee, "f"),
+                "content_hash": billing,
+                "document": document,
+                "recorded_at": _now(),
+            },
+        )
+        if inserted.rowcount != 1:  # another process recorded it meanwhile: check again
+            return self._invoice_problem(conn, invoice, billing)[0]
         return None
 
     def recorded_hash(
@@ -359,45 +376,9 @@ class Ledger:
             "account": account,
         }
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                self._statement(
-                    "invoice_of_client",
-                    lambda: sa.select(invoices_table.c.number, invoices_table.c.content_hash).where(
-                        invoices_table.c.client_id == sa.bindparam("client_id"),
-                        invoices_table.c.period == sa.bindparam("period"),
-                        invoices_table.c.revision == sa.bindparam("revision"),
-                    ),
-                ),
-                {
-                    "client_id": invoice.client_id,
-                    "period": invoice.period,
-                    "revision": invoice.revision,
-                },
-            ).all()
-            for row in rows:
-                if row.number != invoice.number:
-                    return OpenedDelivery(None, None, other_number_message(invoice, row.number))
-                if row.content_hash != billing:
-                    return OpenedDelivery(None, None, conflict_message(invoice, row.content_hash))
-            if not rows:
-                inserted = conn.execute(
-                    self._insert_new(invoices_table),
-                    {
-                        "number": invoice.number,
-                        "revision": invoice.revision,
-                        "client_id": invoice.client_id,
-                        "period": invoice.period,
-                        "currency": invoice.currency,
-                        "total_fee": format(invoice.total_fee, "f"),
-                        "content_hash": billing,
-                        "document": document,
-                        "recorded_at": _now(),
-                    },
-                )
-                if inserted.rowcount != 1:  # another process recorded it meanwhile
-                    recorded = self.recorded_hash(invoice.number, invoice.revision, conn)
-                    if recorded != billing:
-                        return OpenedDelivery(None, None, conflict_message(invoice, recorded))
+            problem = self._record_invoice(conn, invoice, document, billing)
+            if problem is not None:
+                return OpenedDelivery(None, None, problem)
             found = conn.execute(self._find_delivery(), values).one_or_none()
             if found is None:
                 started = may_start()
