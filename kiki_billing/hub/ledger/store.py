@@ -167,7 +167,8 @@ class Ledger:
 
     def _create_schema(self) -> None:
         """Create or migrate the tables, atomically, and one process at a time."""
-        if self.engine.dialect.name == "sqlite":
+        database = self.engine.url.database
+        if self.engine.dialect.name == "sqlite" and database and database != ":memory:":
             self._create_sqlite_schema()
             return
         with self.engine.begin() as conn:
