@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from kiki_billing.hub.ledger import Ledger, process_owner
+from kiki_billing.hub.ratelimit import catch_up_held_slot
 from kiki_billing.logging import register_secrets
 
 _THREAD_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
@@ -56,8 +57,12 @@ class LedgerCredentialStore:
     ) -> Mapping[str, str]:
         """Call ``change(current)`` under the account's lock and store what it returns.
 
+        Called from inside a request's rate slot, the request then takes a new slot if the
+        wait outlasted its own (:func:`~kiki_billing.hub.ratelimit.catch_up_held_slot`).
+
         Raises:
             TimeoutError: Another process held the lock for longer than ``wait_seconds``.
+            RateLimitedError: The new slot is further away than the limiter waits.
         """
         owner = f"{process_owner()}:{threading.get_ident()}"
         with self._thread_lock:
@@ -72,10 +77,14 @@ class LedgerCredentialStore:
             try:
                 current = self.load()
                 new = change(current)
-                if new is None:
-                    return current
-                register_secrets(v for k, v in new.items() if "token" in k or "secret" in k)
-                self.ledger.store_credentials(self.target, self.account, new)
-                return dict(new)
+                if new is not None:
+                    register_secrets(v for k, v in new.items() if "token" in k or "secret" in k)
+                    self.ledger.store_credentials(self.target, self.account, new)
             finally:
                 self.ledger.unlock_account(self.target, self.account, owner)
+        # NOTE: the request that needed the credentials waited here (for the lock, the token
+        # endpoint) inside the rate slot it reserved; sent now, it would leave together with
+        # the requests of later slots, and a provider counting a sliding window (QuickBooks:
+        # 10/s) answers 429 and stalls the account for a minute.
+        catch_up_held_slot()
+        return current if new is None else dict(new)

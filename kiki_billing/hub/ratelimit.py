@@ -35,6 +35,9 @@ FLOOR = 0.5
 RECOVER_AFTER = 50
 RECOVER_STEP = 0.02
 
+_THREAD = threading.local()
+"""Per thread: the limiter whose slot it holds (``limiter``) and its latest slot (``due``)."""
+
 
 @dataclass
 class _Window:
@@ -125,6 +128,7 @@ class AccountLimiter:
             self._last = due
             for window in self._windows:
                 window.sent.append(due)
+            _THREAD.due = (self, due)
             self.requests += 1
             self._since_throttle += 1
             if self._pace < 1.0 and self._since_throttle % RECOVER_AFTER == 0:
@@ -149,7 +153,30 @@ class AccountLimiter:
         """
         with self._slots:
             self.acquire()
-            yield
+            outer = getattr(_THREAD, "limiter", None)
+            _THREAD.limiter = self
+            try:
+                yield
+            finally:
+                _THREAD.limiter = outer
+
+    def catch_up(self) -> float:
+        """The calling thread's request leaves only now: take a new slot if its own has passed.
+
+        A request held up after its slot came due (waiting for another thread's token refresh)
+        would otherwise leave together with the requests of the slots after it, a burst the
+        provider counts in one window. A slot less than one interval old is kept.
+
+        Returns:
+            The seconds waited for the new slot (0 when the old one was kept).
+
+        Raises:
+            RateLimitedError: As :meth:`reserve`.
+        """
+        held: tuple[AccountLimiter, float] | None = getattr(_THREAD, "due", None)
+        if held is None or held[0] is not self or self._clock() - held[1] <= self.interval:
+            return 0.0
+        return self.acquire()
 
     def throttled_by_provider(self, retry_after: float | None, window: str | None = None) -> float:
         """The provider answered 429: pause or slow down; return the wait before a retry.
@@ -171,6 +198,18 @@ class AccountLimiter:
             # The window frees a slot within one interval: wait that long, not a backoff.
             self._paused_until = max(self._paused_until, now + self.interval)
             return self.interval
+
+
+def catch_up_held_slot() -> float:
+    """For code that blocks a request inside its rate slot: see :meth:`AccountLimiter.catch_up`.
+
+    Does nothing outside :meth:`AccountLimiter.request` (a ``connect``, a test).
+
+    Returns:
+        The seconds waited for a new slot.
+    """
+    limiter: AccountLimiter | None = getattr(_THREAD, "limiter", None)
+    return 0.0 if limiter is None else limiter.catch_up()
 
 
 @dataclass
@@ -221,4 +260,4 @@ class CircuitBreaker:
             return self._opened_at is not None
 
 
-__all__ = ["AccountLimiter", "CircuitBreaker", "RateLimit", "RateWindow"]
+__all__ = ["AccountLimiter", "CircuitBreaker", "RateLimit", "RateWindow", "catch_up_held_slot"]

@@ -3,10 +3,14 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
+from kiki_billing.hub.credentials import LedgerCredentialStore
 from kiki_billing.hub.keys import KEY_LENGTH, idempotency_key
+from kiki_billing.hub.ledger import Ledger
 from kiki_billing.hub.ratelimit import AccountLimiter, CircuitBreaker
 from kiki_billing.hub.retry import RetryPolicy, run_with_retry
 from kiki_billing.plugin import (
@@ -205,3 +209,44 @@ def test_keys_are_deterministic_versioned_and_short() -> None:
         idempotency_key("KIKI-OaaS-202601-000002", 0, "stripe", "draft"),
     }
     assert key not in others and len(others) == 4
+
+
+def test_requests_held_up_by_a_token_refresh_take_new_slots(tmp_path: Path) -> None:
+    """Three workers reserve their slots, then wait in the credential store while one of them
+    refreshes the token (0.5 s). Sent as soon as the new token is stored, the three would leave
+    at once and, with the slots after them, put 12 requests in one second of QuickBooks' 10/s
+    window (a 429, and Intuit's one-minute pause). Each takes a new slot instead."""
+    lim, clock = limiter((10, 1.0), (500, 60.0), concurrency=3)
+    store = LedgerCredentialStore(Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}"), "qb", "1")
+    sent: list[float] = []
+    turn = [threading.Event() for _ in range(7)]
+
+    def refresh(current: Mapping[str, str]) -> Mapping[str, str] | None:
+        if current.get("access_token"):
+            return None  # another worker refreshed meanwhile
+        clock.now += 0.5  # the token endpoint answers
+        return {"access_token": "new"}
+
+    def worker(number: int) -> None:
+        with lim.request():  # the slot is reserved (and come due) ...
+            turn[number + 1].set()
+            turn[number + 3].wait()
+            store.update(refresh)  # ... but the request waits for the token
+            sent.append(clock.now)
+            turn[number + 4].set()
+
+    # One at a time: each worker reserves its slot in turn (the last one's reservation lets
+    # the first go on), then each waits for the token in turn.
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    turn[0].set()
+    for number, thread in enumerate(threads):
+        turn[number].wait()
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for _ in range(10):  # and the account goes on
+        with lim.request():
+            sent.append(clock.now)
+
+    assert sent[0] == pytest.approx(2 / 9 + 0.5)  # the third slot came due, then the refresh
+    assert max_in_any_window(sent, 1.0) <= 9  # 10/s less the headroom
