@@ -846,11 +846,12 @@ class Ledger:
                 "row_client": client_id,
                 "row_name": name,
             }
-            if conn.execute(update, {**where, "value": value}).rowcount:
+            # NOTE: a driver may report -1 (unknown) for a row count: only a 1 is trusted.
+            if conn.execute(update, {**where, "value": value}).rowcount == 1:
                 continue
             keys = {"target": target, "account": account, "client_id": client_id, "name": name}
             inserted = conn.execute(self._insert_new(client_refs_table), {**keys, "value": value})
-            if not inserted.rowcount:  # another process kept it meanwhile: ours is as good
+            if inserted.rowcount != 1:  # another process kept it meanwhile: ours is as good
                 conn.execute(update, {**where, "value": value})
 
     # Undated sources -------------------------------------------------------------------------
