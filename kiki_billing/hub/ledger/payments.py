@@ -207,8 +207,10 @@ def apply_payment_state(
             target, account, event_type = event
             # The insert comes first: it takes SQLite's write lock for the whole transaction,
             # and on PostgreSQL a second arrival of the same event waits here for the first.
-            inserted = conn.execute(
-                _insert_new(ledger, webhook_events_table),
+            inserted = _insert_if_new(
+                conn,
+                ledger,
+                webhook_events_table,
                 {
                     "target": target,
                     "account": account,
@@ -220,7 +222,7 @@ def apply_payment_state(
                     "received_at": now,
                 },
             )
-            if inserted.rowcount != 1:
+            if not inserted:
                 current = _current(conn, delivery_id)
                 after = current.state if current else None
                 return PaymentChange("replayed", after, after)
@@ -273,6 +275,21 @@ def _current(conn: sa.Connection, delivery_id: int) -> PaymentRecord | None:
         )
     ).one_or_none()
     return None if row is None else _payment(row)
+
+
+def _insert_if_new(
+    conn: sa.Connection, ledger: Ledger, table: sa.Table, row: dict[str, Any]
+) -> bool:
+    """Insert ``row`` unless its key exists; whether it was inserted.
+
+    ``RETURNING`` tells, where the database has it: with psycopg, an ``INSERT ... ON CONFLICT
+    DO NOTHING`` reports a rowcount of -1 whether or not it inserted.
+    """
+    statement = _insert_new(ledger, table)
+    if ledger.engine.dialect.insert_returning:
+        key = next(iter(table.primary_key.columns))
+        return conn.execute(statement.returning(key), row).first() is not None
+    return bool(conn.execute(statement, row).rowcount == 1)
 
 
 def _insert_new(ledger: Ledger, table: sa.Table) -> Any:
@@ -446,7 +463,7 @@ def add_account_health(
     if circuit is not None:
         values["circuit_open_until"] = circuit[0]
     with ledger.engine.begin() as conn:
-        if conn.execute(table.update().where(*where).values(**values)).rowcount:
+        if conn.execute(table.update().where(*where).values(**values)).rowcount == 1:
             return
         row = {
             "target": target,
@@ -457,7 +474,7 @@ def add_account_health(
             "circuit_open_until": values.get("circuit_open_until"),
             "updated_at": values["updated_at"],
         }
-        if not conn.execute(_insert_new(ledger, table), row).rowcount:
+        if not _insert_if_new(conn, ledger, table, row):
             conn.execute(table.update().where(*where).values(**values))
 
 
