@@ -75,7 +75,7 @@ def run_webhooks_serve(*, host: str, port: int, max_body: int) -> None:
     import uvicorn
 
     from kiki_billing.hub.dispatcher import Hub
-    from kiki_billing.hub.registry import create_adapter, known_adapter_names
+    from kiki_billing.hub.registry import create_adapter, known_adapter_names, load_adapter_class
     from kiki_billing.hub.retry import RetryPolicy
     from kiki_billing.hub.settings import load_hub_settings
     from kiki_billing.hub.webhooks import Receiver, build_app
@@ -97,12 +97,14 @@ def run_webhooks_serve(*, host: str, port: int, max_body: int) -> None:
                 "no ledger yet: push first, or set KIKI_LEDGER_URL / KIKI_DATA_DIR to the ledger"
             )
         receivers = {}
-        for name, secret in sorted(wanted.items()):
-            adapter = create_adapter(name, _credentials_factory(ledger))
-            if not isinstance(adapter, WebhookSource):
+        for name in sorted(wanted):
+            if not callable(getattr(load_adapter_class(name), "webhook_events", None)):
                 raise ConfigurationError(
                     f"adapter {name!r} receives no webhooks; unset {secret_variable(name)}"
                 )
+        for name, secret in sorted(wanted.items()):
+            adapter = create_adapter(name, _credentials_factory(ledger))
+            assert isinstance(adapter, WebhookSource)
             receivers[name] = Receiver(adapter, secret)
         # NOTE: providers wait seconds, not minutes, for an answer (Xero 5 s): a read back is
         # retried once, briefly; when it fails the provider is answered 503 and sends again.
