@@ -16,6 +16,7 @@ from kiki_billing.models import Invoice
 from kiki_billing.plugin import PaymentState
 from kiki_billing.testing.contract import sample_invoice
 from kiki_billing.testing.memory import Fault, MemoryBillingSystem
+from tests.support.postgres import postgres_db_url, postgres_url  # noqa: F401
 
 from .conftest import deliveries
 
@@ -194,3 +195,35 @@ def test_every_metric_has_help_and_its_declared_labels(make_hub, ledger, metric)
             if metric is names.SHARE_PERCENTAGE:
                 extra = {"client_id"}
             assert set(sample.labels) <= set(metric.labels) | extra
+
+
+@pytest.mark.server
+def test_the_metrics_read_a_postgresql_ledger(postgres_db_url: str) -> None:  # noqa: F811
+    from kiki_billing.hub.dispatcher import Hub
+    from kiki_billing.hub.retry import RetryPolicy
+    from kiki_billing.testing.memory import MemoryAdapter
+
+    ledger = Ledger(postgres_db_url)
+    try:
+        system = MemoryBillingSystem()
+        system.faults.append(Fault("throttled", retry_after=0.0, operation="add_line"))
+        hub = Hub(ledger, {"memory": MemoryAdapter(system=system)}, RetryPolicy(max_attempts=3),
+                  sleep=lambda _: None, pace=lambda _: None)  # fmt: skip
+        invoices = [sample_invoice(number=1), sample_invoice(client_id="b", number=2)]
+        hub.push(deliveries(*invoices))
+        hub.push(deliveries(sample_invoice(client_id="c", number=3)))
+        record = ledger.find_delivery(invoices[0].number, 0, "memory", "default")
+        apply_payment_state(
+            ledger, record.id, PaymentState.PAID, amount_paid=None, event_id="e",
+            source="webhook", event=("memory", "default", "x"),
+        )  # fmt: skip
+        found = samples(ledger)
+        assert value(found, names.INVOICES.name, status="paid") == 1
+        assert value(found, names.INVOICES.name, status="issued") == 2
+        assert value(found, names.RATE_LIMITED.name, target="memory", account="default") == 1
+        assert value(found, names.WEBHOOK_EVENTS.name, target="memory", outcome="applied") == 1
+        assert value(found, names.REVENUE.name, month="2026-01", currency="USD") == int(
+            3 * invoices[0].total_fee * 10**6
+        )
+    finally:
+        ledger.close()
