@@ -302,7 +302,97 @@ def list_adapters() -> None:
     run_adapters()
 
 
+metrics_app = typer.Typer(
+    help="Prometheus metrics computed from the ledger.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+webhooks_app = typer.Typer(
+    help="Receive payment states from Stripe, QuickBooks and Xero webhooks.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+HostOption = Annotated[str, typer.Option("--host", help="Address to listen on.")]
+MetricsContractsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--contracts",
+        envvar="KIKI_CONTRACTS",
+        help="Contracts file whose [defaults] share_rate is the default share (else 10%).",
+        dir_okay=False,
+    ),
+]
+
+
+@metrics_app.command("serve")
+@reports_errors
+def metrics_serve(
+    host: HostOption = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")
+    ] = 9464,
+    contracts: MetricsContractsOption = None,
+) -> None:
+    """Serve /metrics (Prometheus text format) and /healthz until interrupted."""
+    from kiki_billing.cli_metrics import run_metrics_serve
+
+    run_metrics_serve(host=host, port=port, contracts=contracts)
+
+
+@metrics_app.command("write")
+@reports_errors
+def metrics_write(
+    file: Annotated[
+        Path, typer.Argument(help="The .prom file to replace (node_exporter textfile).")
+    ],
+    contracts: MetricsContractsOption = None,
+) -> None:
+    """Write the metrics in node_exporter's textfile format, atomically (for cron)."""
+    from kiki_billing.cli_metrics import run_metrics_write
+
+    run_metrics_write(file=file, contracts=contracts)
+
+
+@webhooks_app.command("serve")
+@reports_errors
+def webhooks_serve(
+    host: HostOption = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")
+    ] = 8000,
+    max_body: Annotated[
+        int,
+        typer.Option("--max-body", min=1024, max=67_108_864, help="Largest body accepted, bytes."),
+    ] = 1_048_576,
+) -> None:
+    """Receive webhooks at /webhooks/<target>: payment states go to the ledger.
+
+    Targets with KIKI_<TARGET>_WEBHOOK_SECRET set are served (stripe, quickbooks, xero).
+    """
+    from kiki_billing.cli_webhooks import run_webhooks_serve
+
+    run_webhooks_serve(host=host, port=port, max_body=max_body)
+
+
+@app.command("sync-status")
+@reports_errors
+def sync_status(
+    period: Annotated[str | None, typer.Option("--period", help="Only this month.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Only this target.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Read the payment state of delivered invoices back from each provider (no webhooks).
+
+    Exits 1 when a provider could not be read for some delivery.
+    """
+    from kiki_billing.cli_webhooks import run_sync_status
+
+    run_sync_status(period=period, target=target, json_output=json_output)
+
+
 app.add_typer(audit_app, name="audit")
+app.add_typer(metrics_app, name="metrics")
+app.add_typer(webhooks_app, name="webhooks")
 
 
 def main() -> None:

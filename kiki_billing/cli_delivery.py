@@ -150,6 +150,7 @@ def run_push(
             if dry_run:
                 _dry_run(ledger, plan, settings)
                 return
+            _record_terms(ledger, plan, computed.contracts)
             _drive(ledger, plan, settings, Display(quiet, not (quiet or no_progress)), False)
         finally:
             plan.close()
@@ -168,6 +169,26 @@ def _ledger_or_scratch(ledger: Ledger | None) -> Iterator[Ledger]:
         yield scratch
     finally:
         scratch.close()
+
+
+def _record_terms(ledger: Ledger, plan: Plan, contracts: Any) -> None:
+    """Keep each invoice's due date and its client's time zone, to tell when it is overdue."""
+    from kiki_billing.hub.ledger.payments import DEFAULT_TIMEZONE, record_invoice_terms
+
+    by_id = contracts.by_id()
+    invoices = {(d.invoice.number, d.invoice.revision): d.invoice for d in plan.deliveries}
+    record_invoice_terms(
+        ledger,
+        [
+            (
+                inv.number,
+                inv.revision,
+                inv.due_date,
+                by_id[inv.client_id].timezone if inv.client_id in by_id else DEFAULT_TIMEZONE,
+            )
+            for inv in invoices.values()
+        ],
+    )
 
 
 def _check_targets(
@@ -266,6 +287,7 @@ def run_retry(
                     f"{number} to {name} account {account}: not retried (the contracts file or "
                     "the settings no longer send it there)"
                 )
+            _record_terms(ledger, plan, contracts_file)
             _drive(ledger, plan, settings, Display(quiet, not (quiet or no_progress)), True)
         finally:
             plan.close()
@@ -449,10 +471,16 @@ def run_status(
                 invoice_number=invoice,
             )
         )
+        payments = _payment_views(ledger, records) if ledger is not None else {}
     now = time.time()
     stuck = {r.id for r in records if _stuck(r, now)}
     if json_output:
-        print(json.dumps([_record_data(r, r.id in stuck) for r in records], indent=2))
+        print(
+            json.dumps(
+                [_record_data(r, r.id in stuck) | payments[r.id].data() for r in records],
+                indent=2,
+            )
+        )
     else:
         table = Table(title="Deliveries" + (f", {label}" if label else ""))
         for column in (
@@ -462,6 +490,7 @@ def run_status(
             "Target",
             "Account",
             "State",
+            "Payment",
             "Attempts",
             "Provider ids",
             "Last error",
@@ -475,6 +504,7 @@ def run_status(
                 r.target,
                 plain(r.account),
                 r.state.value + (" (stuck: holder gone)" if r.id in stuck else ""),
+                payments[r.id].text(),
                 str(r.attempts),
                 plain(_refs(r.refs)),
                 plain(r.last_error or ""),
@@ -492,6 +522,79 @@ def run_status(
     ]
     if unsettled:
         raise typer.Exit(1)
+
+
+@dataclass(frozen=True)
+class PaymentView:
+    """A delivery's payment state as ``status`` shows it."""
+
+    delivered: bool
+    state: str | None
+    amount_paid: str | None
+    event_id: str | None
+    source: str | None
+    updated_at: str | None
+    due_date: str
+    timezone: str
+    overdue: bool
+
+    def text(self) -> str:
+        """``paid``, ``open, overdue``, ``unknown`` (delivered, nothing heard), ``-``."""
+        if not self.delivered:
+            return "-"
+        shown = self.state or "unknown"
+        return f"{shown}, overdue" if self.overdue else shown
+
+    def data(self) -> dict[str, Any]:
+        """The JSON fields."""
+        return {
+            "payment_state": self.state,
+            "amount_paid": self.amount_paid,
+            "payment_event": self.event_id,
+            "payment_source": self.source,
+            "payment_updated_at": self.updated_at,
+            "due_date": self.due_date,
+            "timezone": self.timezone,
+            "overdue": self.overdue,
+        }
+
+
+def _payment_views(ledger: Ledger, records: Sequence[DeliveryRecord]) -> dict[int, PaymentView]:
+    from datetime import UTC, datetime
+
+    from kiki_billing.hub.ledger import DeliveryState
+    from kiki_billing.hub.ledger.payments import (
+        DEFAULT_TIMEZONE,
+        invoice_terms,
+        is_overdue,
+        payment_records,
+    )
+
+    payments = payment_records(ledger, [r.id for r in records])
+    terms = invoice_terms(ledger) if records else {}
+    now = datetime.now(UTC)
+    views = {}
+    for r in records:
+        key = (r.invoice_number, r.revision)
+        if key not in terms:
+            terms[key] = (ledger.load_invoice(*key).due_date, DEFAULT_TIMEZONE)
+        due, zone = terms[key]
+        payment = payments.get(r.id)
+        delivered = r.state is DeliveryState.DELIVERED
+        views[r.id] = PaymentView(
+            delivered=delivered,
+            state=payment.state.value if payment else None,
+            amount_paid=format(payment.amount_paid, "f")
+            if payment and payment.amount_paid is not None
+            else None,
+            event_id=payment.event_id if payment else None,
+            source=payment.source if payment else None,
+            updated_at=payment.updated_at.isoformat() if payment else None,
+            due_date=due.isoformat(),
+            timezone=zone,
+            overdue=delivered and is_overdue(due, zone, payment.state if payment else None, now),
+        )
+    return views
 
 
 def _record_data(r: DeliveryRecord, stuck: bool) -> dict[str, Any]:

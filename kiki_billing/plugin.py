@@ -43,6 +43,7 @@ from typing import (
     Any,
     ClassVar,
     Generic,
+    Literal,
     Protocol,
     TypeVar,
     final,
@@ -93,6 +94,7 @@ __all__ = [
     "classify_http_status",
     "currency_exponent",
     "format_money",
+    "hmac_sha256_matches",
     "parse_rate_limit",
     "parse_retry_after",
     "scrub_secrets",
@@ -567,7 +569,12 @@ class WebhookEvent:
         kiki_number: Our invoice number, when the event carries it.
         kiki_revision: Our revision, when the event carries it.
         occurred_at: When it happened at the provider.
-        account: The provider account it belongs to (realm, tenant), when it says.
+        account: The provider account it belongs to, in :attr:`BillingAdapter.account`'s form,
+            when it says (an event of another account is ignored).
+        amount_paid: What is paid of the invoice (major units), when the event says.
+
+    An event that is not about an invoice (a customer changed) has empty ``refs``: the hub
+    answers it and changes nothing.
     """
 
     event_id: str
@@ -578,6 +585,7 @@ class WebhookEvent:
     kiki_revision: int | None = None
     occurred_at: datetime | None = None
     account: str | None = None
+    amount_paid: Decimal | None = None
 
 
 class WebhookRejected(Exception):
@@ -592,6 +600,36 @@ class WebhookRejected(Exception):
     def __init__(self, message: str, *, status: int = 400) -> None:
         self.status = status
         super().__init__(message)
+
+
+def hmac_sha256_matches(
+    secret: str, message: bytes, presented: str, *, encoding: Literal["base64", "hex"]
+) -> bool:
+    """Whether ``presented`` is the HMAC-SHA256 of ``message`` under ``secret``.
+
+    Compared in constant time; a malformed ``presented`` (not base64 or hex) never matches.
+
+    Args:
+        secret: The signing secret (UTF-8).
+        message: The signed bytes (the raw body, or what the provider signs around it).
+        presented: The signature as the provider sent it.
+        encoding: How the provider encodes the digest.
+    """
+    import base64
+    import binascii
+    import hashlib
+    import hmac
+
+    digest = hmac.new(secret.encode(), message, hashlib.sha256).digest()
+    text = presented.strip()
+    try:
+        if encoding == "base64":
+            given = base64.b64decode(text.encode("ascii"), validate=True)
+        else:
+            given = bytes.fromhex(text)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return False
+    return hmac.compare_digest(digest, given)
 
 
 @runtime_checkable

@@ -26,6 +26,8 @@ CLI = (
     "kiki_billing.cli_compute",
     "kiki_billing.cli_connect",
     "kiki_billing.cli_delivery",
+    "kiki_billing.cli_metrics",
+    "kiki_billing.cli_webhooks",
     "kiki_billing.cli_support",
     "kiki_billing.audit_cli",
 )

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from kiki_billing.hub.health import HealthRecorder
 from kiki_billing.hub.ledger import Ledger, process_owner
 from kiki_billing.hub.plan import Delivery
 from kiki_billing.hub.retry import RetryPolicy
@@ -122,6 +123,7 @@ class Hub:
         )
         self.leases = LeaseKeeper(ledger, owner)
         self.runner = DeliveryRunner(ledger, policy, self.machinery, owner, self.leases.hold, sleep)
+        self.health = HealthRecorder(ledger, self.machinery, clock=clock)
 
     @property
     def owner(self) -> str:
@@ -155,6 +157,7 @@ class Hub:
                 delivery, self.adapters[delivery.target], redrive_failed=redrive_failed
             )
             outcomes[index] = result
+            self.health.flush()
             if self.on_outcome is not None:
                 self.on_outcome(result)
 
@@ -170,6 +173,7 @@ class Hub:
                     future.result()
         finally:
             self.leases.stop()
+            self.health.flush(force=True)
         return [outcome for outcome in outcomes if outcome is not None]
 
     def preview(self, delivery: Delivery) -> Preview:

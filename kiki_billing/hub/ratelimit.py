@@ -259,5 +259,12 @@ class CircuitBreaker:
         with self._lock:
             return self._opened_at is not None
 
+    def open_for(self) -> float | None:
+        """Seconds until a trial delivery is let through; ``None`` while the circuit is closed."""
+        with self._lock:
+            if self._opened_at is None:
+                return None
+            return max(0.0, self._opened_at + self.cooldown - self.clock())
+
 
 __all__ = ["AccountLimiter", "CircuitBreaker", "RateLimit", "RateWindow", "catch_up_held_slot"]

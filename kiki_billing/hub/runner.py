@@ -195,6 +195,11 @@ class AccountMachinery:
         with self._lock:
             return dict(self._limiters)
 
+    def breakers(self) -> dict[tuple[str, str], CircuitBreaker]:
+        """Every circuit breaker made so far (for the account health in the ledger)."""
+        with self._lock:
+            return dict(self._breakers)
+
 
 class DeliveryRunner:
     """Runs (or previews) one delivery's steps with every guarantee of the hub.

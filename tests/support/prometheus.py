@@ -182,24 +182,51 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT
         process.wait(timeout=5.0)
 
 
+def scrape_config(targets: Sequence[str], interval: str = "1s") -> str:
+    """A config scraping ``targets`` (``127.0.0.1:PORT``, path ``/metrics``) every ``interval``."""
+    listed = ", ".join(f"'{target}'" for target in targets)
+    return (
+        "global:\n"
+        f"  scrape_interval: {interval}\n"
+        f"  evaluation_interval: {interval}\n"
+        "scrape_configs:\n"
+        "  - job_name: kiki-billing\n"
+        f"    scrape_interval: {interval}\n"
+        f"    scrape_timeout: {interval}\n"
+        f"    static_configs:\n      - targets: [{listed}]\n"
+    )
+
+
 @contextlib.contextmanager
 def prometheus_server(
-    openmetrics: str, workdir: Path, *, port: int | None = None
+    openmetrics: str | None,
+    workdir: Path,
+    *,
+    port: int | None = None,
+    scrape: Sequence[str] = (),
 ) -> Iterator[PrometheusUrl]:
     """Backfill ``openmetrics`` into a new Prometheus on 127.0.0.1 and yield its base URL.
 
     Args:
-        openmetrics: The history to serve (see :func:`openmetrics_text`).
+        openmetrics: The history to serve (see :func:`openmetrics_text`); ``None``: no
+            history (a server that only scrapes).
         workdir: An empty directory for the data, the config and the server log.
         port: A fixed port (e.g. 9090 to record cassettes); a free one when omitted.
+        scrape: ``127.0.0.1:PORT`` targets to scrape every second (only on this machine).
     """
     prometheus = find_binary("prometheus", INSTALL_HINT)
     promtool = find_binary("promtool", INSTALL_HINT)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data_dir = backfill(promtool, openmetrics, workdir)
+    if openmetrics is None:
+        data_dir = workdir / "data"
+        data_dir.mkdir(exist_ok=True)
+    else:
+        data_dir = backfill(promtool, openmetrics, workdir)
+    if any(not target.startswith("127.0.0.1:") for target in scrape):
+        raise ValueError("a test server scrapes only 127.0.0.1")
     config = workdir / "prometheus.yml"
-    config.write_text(_CONFIG, encoding="utf-8")
+    config.write_text(scrape_config(scrape) if scrape else _CONFIG, encoding="utf-8")
     log = workdir / "prometheus.log"
 
     process: subprocess.Popen[bytes] | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
@@ -27,12 +28,14 @@ from kiki_billing.plugin import (
     StepContext,
     StepRequest,
     TerminalError,
+    WebhookEvent,
 )
 
 from .errors import classify_quickbooks_error, parse_fault
 from .oauth import TokenKeeper, auth_client
 from .sdk import load_sdks
 from .settings import MINOR_VERSION, QuickBooksClientSettings, QuickBooksSettings
+from .webhooks import read_quickbooks_events, verify_quickbooks_signature
 from .wire import (
     CONCURRENCY,
     CUSTOMER_CURRENCY,
@@ -502,6 +505,15 @@ class QuickBooksAdapter(BillingAdapter[QuickBooksSettings, QuickBooksClientSetti
             for found in self._query(invoice_query(number), "Invoice")
             if invoice_owner(found, invoice) == "ours"
         ]
+
+    # -- webhooks (WebhookSource) -----------------------------------------------------------
+
+    def webhook_events(
+        self, headers: Mapping[str, str], body: bytes, secret: str, now: datetime
+    ) -> list[WebhookEvent]:
+        """Verify ``intuit-signature`` on the raw body, then read its invoice changes."""
+        verify_quickbooks_signature(headers, body, secret)
+        return read_quickbooks_events(body, {self.settings.realm_id: self.account})
 
     # -- errors -----------------------------------------------------------------------------
 

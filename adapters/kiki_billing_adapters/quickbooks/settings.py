@@ -60,8 +60,11 @@ class QuickBooksSettings(AdapterSettings):
     income_account: str | None = Field(default=None, min_length=1, max_length=100)
     """``KIKI_QUICKBOOKS_INCOME_ACCOUNT``: name or Id of the service item's income account;
     default: the first active account of type Income."""
+    webhook_secret: SecretStr | None = None
+    """``KIKI_QUICKBOOKS_WEBHOOK_SECRET``: the app's webhooks Verifier Token, for
+    ``kiki-billing webhooks serve``."""
 
-    @field_validator("client_id", "client_secret", "refresh_token")
+    @field_validator("client_id", "client_secret", "refresh_token", "webhook_secret")
     @classmethod
     def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None else check_secret(value)

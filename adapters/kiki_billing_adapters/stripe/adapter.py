@@ -25,10 +25,12 @@ from kiki_billing.plugin import (
     StepContext,
     StepRequest,
     TerminalError,
+    WebhookEvent,
 )
 
 from .errors import classify_stripe_error
 from .settings import StripeClientSettings, StripeSettings
+from .webhooks import read_stripe_event, verify_stripe_signature
 from .wire import (
     CUSTOMER_ID,
     DEFAULT_CONCURRENCY,
@@ -407,6 +409,15 @@ class StripeAdapter(BillingAdapter[StripeSettings, StripeClientSettings]):
             if carries(item, invoice) and str(item["id"]) not in found:
                 found[str(item["id"])] = to_remote_invoice(item)
         return list(found.values())
+
+    # -- webhooks (WebhookSource) -----------------------------------------------------------
+
+    def webhook_events(
+        self, headers: Mapping[str, str], body: bytes, secret: str, now: datetime
+    ) -> list[WebhookEvent]:
+        """Verify ``Stripe-Signature`` on the raw body, then read the event (see webhooks.py)."""
+        verify_stripe_signature(headers, body, secret, now)
+        return [read_stripe_event(body)]
 
     # -- errors -----------------------------------------------------------------------------
 

@@ -36,6 +36,9 @@ class StripeSettings(AdapterSettings):
     account: str | None = Field(default=None, pattern=r"^acct_[A-Za-z0-9]{1,64}$")
     """``KIKI_STRIPE_ACCOUNT``: the Stripe account id (``acct_...``), to keep the ledger's
     account the same when the key is rotated; default: the key's mode and fingerprint."""
+    webhook_secret: SecretStr | None = None
+    """``KIKI_STRIPE_WEBHOOK_SECRET``: the webhook endpoint's signing secret (``whsec_...``),
+    for ``kiki-billing webhooks serve``."""
 
     @field_validator("api_key")
     @classmethod
@@ -49,6 +52,11 @@ class StripeSettings(AdapterSettings):
         if not secret.startswith(("sk_test_", "sk_live_", "rk_test_", "rk_live_")):
             raise ValueError("is not a Stripe secret or restricted key (sk_... or rk_...)")
         return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is None else check_secret(value)
 
     @field_validator("api_base")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
 from urllib.parse import urlencode
@@ -30,11 +31,13 @@ from kiki_billing.plugin import (
     StepRequest,
     TerminalError,
     TransientError,
+    WebhookEvent,
 )
 
 from .errors import CORRELATION_HEADER, XeroHTTPError, classify_xero_error
 from .settings import AUTHORIZE_URL, XeroClientSettings, XeroSettings
 from .tokens import TIMEOUT, XeroTokens
+from .webhooks import read_xero_events, verify_xero_signature
 from .wire import (
     CANCELLED_STATUSES,
     CONCURRENT_LIMIT,
@@ -372,6 +375,18 @@ class XeroAdapter(BillingAdapter[XeroSettings, XeroClientSettings]):
             and number_revision(str(found.get("InvoiceNumber", "")), invoice) == invoice.revision
             and found.get("Status") not in GONE_STATUSES
         ]
+
+    # -- webhooks (WebhookSource) -----------------------------------------------------------
+
+    def webhook_events(
+        self, headers: Mapping[str, str], body: bytes, secret: str, now: datetime
+    ) -> list[WebhookEvent]:
+        """Verify ``x-xero-signature`` on the raw body (401 if wrong), then read its events.
+
+        An intent-to-receive request is a signed payload without events: it gets a 200.
+        """
+        verify_xero_signature(headers, body, secret)
+        return read_xero_events(body, self.account)
 
     # -- errors -----------------------------------------------------------------------------
 

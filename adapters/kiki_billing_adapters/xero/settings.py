@@ -45,6 +45,9 @@ class XeroSettings(AdapterSettings):
     """``KIKI_XERO_API_BASE``; a local fake in tests."""
     token_url: str = TOKEN_URL
     """``KIKI_XERO_TOKEN_URL``: Xero's identity token endpoint."""
+    webhook_secret: SecretStr | None = None
+    """``KIKI_XERO_WEBHOOK_SECRET``: the app's webhook signing key, for
+    ``kiki-billing webhooks serve``."""
 
     @field_validator("client_id")
     @classmethod
@@ -58,7 +61,7 @@ class XeroSettings(AdapterSettings):
     def _check_client_secret(cls, value: SecretStr) -> SecretStr:
         return check_secret(value)
 
-    @field_validator("refresh_token")
+    @field_validator("refresh_token", "webhook_secret")
     @classmethod
     def _check_refresh_token(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None else check_secret(value)
