@@ -1,6 +1,6 @@
 """The delivery ledger: schema and migrations, process ownership, and the store."""
 
-from kiki_billing.hub.ledger.ownership import owner_is_dead, process_owner
+from kiki_billing.hub.ledger.ownership import owner_is_dead, process_owner, worker_owner
 from kiki_billing.hub.ledger.schema import SCHEMA_VERSION, DeliveryState, StepOrigin
 from kiki_billing.hub.ledger.store import (
     DeliveryRecord,
@@ -27,4 +27,5 @@ __all__ = [
     "default_ledger_url",
     "owner_is_dead",
     "process_owner",
+    "worker_owner",
 ]
