@@ -210,6 +210,12 @@ def worker(
         str, typer.Option("--name", "-n", help="The worker's node name (name@host).")
     ] = "kiki@%h",
     loglevel: Annotated[str, typer.Option("--loglevel", help="Celery's log level.")] = "INFO",
+    ping: Annotated[
+        bool,
+        typer.Option(
+            "--ping", help="Only ask the running worker --name to answer (for probes): exit 0 or 1."
+        ),
+    ] = False,
 ) -> None:
     """Run a Celery worker that delivers what `push --executor celery` queues.
 
@@ -218,7 +224,7 @@ def worker(
     """
     from kiki_billing.cli_celery import run_worker
 
-    run_worker(concurrency=concurrency, pool=pool, name=name, loglevel=loglevel)
+    run_worker(concurrency=concurrency, pool=pool, name=name, loglevel=loglevel, ping=ping)
 
 
 @app.command()

@@ -77,7 +77,9 @@ def push_with_celery(
         raise typer.Exit(1)
 
 
-def run_worker(*, concurrency: int, pool: str, name: str, loglevel: str) -> None:
+def run_worker(
+    *, concurrency: int, pool: str, name: str, loglevel: str, ping: bool = False
+) -> None:
     """``kiki-billing worker``: check the settings and the ledger, then run Celery's worker."""
     from kiki_billing.hub.celery_executor import make_app
     from kiki_billing.hub.settings import load_hub_settings
@@ -88,6 +90,15 @@ def run_worker(*, concurrency: int, pool: str, name: str, loglevel: str) -> None
         raise InputError(f"unknown pool (one of {', '.join(POOLS)})", field="--pool")
     settings = load_hub_settings()
     app = make_app(settings)
+    if ping:
+        from celery.utils.nodenames import host_format
+
+        node = host_format(name)
+        if not app.control.ping(destination=[node], timeout=5.0):
+            err_console().print(f"worker {node} did not answer", markup=False)
+            raise typer.Exit(1)
+        console().print(f"worker {node} answered", markup=False)
+        return
     # Fail here, not in the first task, when the ledger cannot be reached; this also creates
     # or migrates its tables once.
     with open_ledger(settings) as ledger:
