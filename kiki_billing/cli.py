@@ -168,11 +168,27 @@ def push(
         bool, typer.Option("--quiet", "-q", help="No tables or bars; errors and a summary line.")
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor",
+            envvar="KIKI_EXECUTOR",
+            help="local: this process; celery: tasks for `kiki-billing worker`s "
+            "(KIKI_BROKER_URL, a PostgreSQL KIKI_LEDGER_URL).",
+        ),
+    ] = "local",
+    no_wait: Annotated[
+        bool,
+        typer.Option(
+            "--no-wait", help="With --executor celery: queue the deliveries and return at once."
+        ),
+    ] = False,
 ) -> None:
     """Compute the period's invoices and deliver each to its client's targets.
 
     Exits 0 only when every delivery is delivered; 1 when any failed, was deferred or is held
-    by another process; 2 for bad input or configuration (nothing sent).
+    by another process; 2 for bad input or configuration (nothing sent). With ``--no-wait``,
+    0 once every delivery is recorded and queued.
     """
     from kiki_billing.cli_delivery import run_push
 
@@ -192,7 +208,39 @@ def push(
         skip_untargeted=skip_untargeted,
         quiet=quiet,
         no_progress=no_progress,
+        executor=executor.strip().lower(),
+        wait=not no_wait,
     )
+
+
+@app.command()
+@reports_errors
+def worker(
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", help="Deliveries at once in this worker (1-256).")
+    ] = 8,
+    pool: Annotated[
+        str, typer.Option("--pool", help="threads (default), prefork or solo.")
+    ] = "threads",
+    name: Annotated[
+        str, typer.Option("--name", "-n", help="The worker's node name (name@host).")
+    ] = "kiki@%h",
+    loglevel: Annotated[str, typer.Option("--loglevel", help="Celery's log level.")] = "INFO",
+    ping: Annotated[
+        bool,
+        typer.Option(
+            "--ping", help="Only ask the running worker --name to answer (for probes): exit 0 or 1."
+        ),
+    ] = False,
+) -> None:
+    """Run a Celery worker that delivers what `push --executor celery` queues.
+
+    Reads the same settings as push (KIKI_BROKER_URL, a PostgreSQL KIKI_LEDGER_URL, the
+    adapters' KIKI_<TARGET>_* variables).
+    """
+    from kiki_billing.cli_celery import run_worker
+
+    run_worker(concurrency=concurrency, pool=pool, name=name, loglevel=loglevel, ping=ping)
 
 
 @app.command()

@@ -117,6 +117,8 @@ def run_push(
     skip_untargeted: bool,
     quiet: bool,
     no_progress: bool,
+    executor: str = "local",
+    wait: bool = True,
     **options: Any,
 ) -> None:
     """``kiki-billing push``."""
@@ -124,8 +126,16 @@ def run_push(
     from kiki_billing.hub.registry import create_adapter, known_adapter_names
     from kiki_billing.hub.settings import load_hub_settings
 
-    computed = compute_from_options(**options)
+    if executor not in ("local", "celery"):
+        raise InputError("unknown executor (local or celery)", field="--executor")
+    if not wait and executor != "celery":
+        raise InputError("--no-wait needs --executor celery", field="--no-wait")
     settings = load_hub_settings()
+    if executor == "celery" and not dry_run:
+        from kiki_billing.hub.celery_executor import check_distributed
+
+        check_distributed(settings)
+    computed = compute_from_options(**options)
     _check_targets(computed.run.invoices, computed.contracts, skip_untargeted, client)
     for nb in computed.run.not_billed:
         if not quiet:
@@ -151,7 +161,13 @@ def run_push(
                 _dry_run(ledger, plan, settings)
                 return
             _record_terms(ledger, plan, computed.contracts)
-            _drive(ledger, plan, settings, Display(quiet, not (quiet or no_progress)), False)
+            display = Display(quiet, not (quiet or no_progress))
+            if executor == "celery":
+                from kiki_billing.cli_celery import push_with_celery
+
+                push_with_celery(ledger, plan, settings, display, wait=wait)
+                return
+            _drive(ledger, plan, settings, display, False)
         finally:
             plan.close()
 

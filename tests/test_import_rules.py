@@ -23,6 +23,7 @@ PACKAGES = {
 CLI = (
     "kiki_billing.__main__",
     "kiki_billing.cli",
+    "kiki_billing.cli_celery",
     "kiki_billing.cli_compute",
     "kiki_billing.cli_connect",
     "kiki_billing.cli_delivery",

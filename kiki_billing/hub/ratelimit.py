@@ -8,6 +8,11 @@ at start-up, keeps a little headroom under each window for network jitter, holds
 cap, and adapts when the provider answers 429 anyway: a ``Retry-After`` pauses the whole
 account; a 429 without one slows the pace a little and recovers it slowly, so one throttle
 never stalls the account for long.
+
+What the limiter counts lives in a :class:`LimiterState`: by default in this process; with the
+Celery executor in Redis (:mod:`kiki_billing.hub.shared_limits`), where the same rules hold for
+every worker process of every machine together. The circuit breaker (:class:`Breaker`) is
+kept either way too.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kiki_billing.plugin import RateLimit, RateLimitedError, RateWindow
 
@@ -47,44 +53,83 @@ class _Window:
     sent: deque[float] = field(default_factory=deque)
 
 
-class AccountLimiter:
-    """Paces the requests of one provider account (thread-safe; one per account per process).
+@dataclass(frozen=True)
+class PacedWindow:
+    """A provider window as the limiter keeps it: the published count less the headroom."""
+
+    requests: int
+    seconds: float
+    name: str
+
+
+def paced_windows(limit: RateLimit) -> list[PacedWindow]:
+    """The windows the limiter counts, shortest first, each with :data:`HEADROOM` kept free."""
+    if not limit.windows:
+        raise ValueError("a rate limit needs at least one window")
+    return [
+        PacedWindow(max(1, w.requests - math.ceil(w.requests * HEADROOM)), w.seconds, w.name)
+        for w in sorted(limit.windows, key=lambda w: w.seconds)
+    ]
+
+
+def too_far(wait: float, reason: str | None) -> RateLimitedError:
+    """The error a reservation further away than ``max_wait`` raises (nothing is reserved)."""
+    return RateLimitedError(
+        code=LOCAL_LIMIT,
+        message=f"rate limit ({reason or 'window'}) reached for this account; "
+        f"next request possible in {wait:.0f} s",
+        window=reason,
+        retry_after=wait,
+    )
+
+
+class LimiterState(Protocol):
+    """Where an account's limiter keeps its windows, pace, pause and concurrency slots.
+
+    :class:`LocalLimiterState` keeps them in this process (the default); a shared state (see
+    :mod:`kiki_billing.hub.shared_limits`) keeps them where every worker process of every
+    machine counts against the same numbers. Both follow the rules of this module's docstring.
+    """
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two requests at the current pace."""
+        ...
+
+    def reserve(self, max_wait: float) -> float:
+        """Reserve the next send slot; return the seconds until it comes due.
+
+        Raises:
+            RateLimitedError: The slot is further away than ``max_wait``; nothing reserved.
+        """
+        ...
+
+    def throttled(self, retry_after: float | None) -> float:
+        """Record a 429: pause (``retry_after``) or slow the pace; return the wait."""
+        ...
+
+    def slot(self) -> AbstractContextManager[object]:
+        """Hold one of the account's concurrent request slots."""
+        ...
+
+
+class LocalLimiterState:
+    """The limiter's state in this process (thread-safe).
 
     Args:
         limit: The account's windows and concurrency cap.
         clock: Monotonic seconds (tests inject one).
-        sleep: Sleeps (tests inject one).
-        max_wait: A wait longer than this is not slept: :meth:`acquire` raises
-            :class:`RateLimitedError` instead, and the hub defers the delivery.
     """
 
-    def __init__(
-        self,
-        limit: RateLimit,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-        max_wait: float = 120.0,
-    ) -> None:
-        if not limit.windows:
-            raise ValueError("a rate limit needs at least one window")
-        self.limit = limit
+    def __init__(self, limit: RateLimit, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._sleep = sleep
-        self.max_wait = max_wait
         self._lock = threading.Lock()
-        self._windows = [
-            _Window(max(1, w.requests - math.ceil(w.requests * HEADROOM)), w.seconds, w.name)
-            for w in sorted(limit.windows, key=lambda w: w.seconds)
-        ]
+        self._windows = [_Window(w.requests, w.seconds, w.name) for w in paced_windows(limit)]
         self._pace = 1.0
         self._since_throttle = 0
         self._last = -math.inf
         self._paused_until = -math.inf
         self._slots = threading.BoundedSemaphore(max(1, limit.concurrency))
-        self.waited = 0.0
-        self.throttled = 0
-        self.requests = 0
 
     @property
     def interval(self) -> float:
@@ -106,6 +151,78 @@ class AccountLimiter:
                     due, reason = free_at, window.name
         return due, reason
 
+    def reserve(self, max_wait: float) -> float:
+        """Reserve the next send slot; return the seconds until it comes due (not slept)."""
+        with self._lock:
+            now = self._clock()
+            due, reason = self._due(now)
+            wait = due - now
+            if wait > max_wait:
+                raise too_far(wait, reason)
+            self._last = due
+            for window in self._windows:
+                window.sent.append(due)
+            self._since_throttle += 1
+            if self._pace < 1.0 and self._since_throttle % RECOVER_AFTER == 0:
+                self._pace = min(1.0, self._pace + RECOVER_STEP)
+            return max(0.0, wait)
+
+    def throttled(self, retry_after: float | None) -> float:
+        """Pause the account ``retry_after``, or slow the pace and wait one interval."""
+        with self._lock:
+            now = self._clock()
+            self._since_throttle = 0
+            if retry_after is not None:
+                self._paused_until = max(self._paused_until, now + retry_after)
+                return retry_after
+            self._pace = max(FLOOR, self._pace * SLOWDOWN)
+            # The window frees a slot within one interval: wait that long, not a backoff.
+            self._paused_until = max(self._paused_until, now + self.interval)
+            return self.interval
+
+    def slot(self) -> AbstractContextManager[object]:
+        """One of the account's concurrent slots (a semaphore of this process)."""
+        return self._slots
+
+
+class AccountLimiter:
+    """Paces the requests of one provider account (thread-safe; one per account per process).
+
+    Args:
+        limit: The account's windows and concurrency cap.
+        clock: Monotonic seconds (tests inject one).
+        sleep: Sleeps (tests inject one).
+        max_wait: A wait longer than this is not slept: :meth:`acquire` raises
+            :class:`RateLimitedError` instead, and the hub defers the delivery.
+        state: Where the windows, pace, pause and slots are kept (default: this process).
+    """
+
+    def __init__(
+        self,
+        limit: RateLimit,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        max_wait: float = 120.0,
+        state: LimiterState | None = None,
+    ) -> None:
+        if not limit.windows:
+            raise ValueError("a rate limit needs at least one window")
+        self.limit = limit
+        self._clock = clock
+        self._sleep = sleep
+        self.max_wait = max_wait
+        self.state: LimiterState = state if state is not None else LocalLimiterState(limit, clock)
+        self._lock = threading.Lock()
+        self.waited = 0.0
+        self.throttled = 0
+        self.requests = 0
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two requests at the current pace."""
+        return self.state.interval
+
     def reserve(self) -> float:
         """Reserve the next send slot; return the seconds until it comes due (not slept).
 
@@ -113,27 +230,11 @@ class AccountLimiter:
             RateLimitedError: The slot is further away than ``max_wait`` (a day limit used
                 up, a long pause): nothing is reserved.
         """
+        wait = self.state.reserve(self.max_wait)
+        _THREAD.due = (self, self._clock() + wait)
         with self._lock:
-            now = self._clock()
-            due, reason = self._due(now)
-            wait = due - now
-            if wait > self.max_wait:
-                raise RateLimitedError(
-                    code=LOCAL_LIMIT,
-                    message=f"rate limit ({reason or 'window'}) reached for this account; "
-                    f"next request possible in {wait:.0f} s",
-                    window=reason,
-                    retry_after=wait,
-                )
-            self._last = due
-            for window in self._windows:
-                window.sent.append(due)
-            _THREAD.due = (self, due)
             self.requests += 1
-            self._since_throttle += 1
-            if self._pace < 1.0 and self._since_throttle % RECOVER_AFTER == 0:
-                self._pace = min(1.0, self._pace + RECOVER_STEP)
-            return max(0.0, wait)
+        return wait
 
     def acquire(self) -> float:
         """Wait for the next send slot; return the seconds waited."""
@@ -151,7 +252,7 @@ class AccountLimiter:
         The concurrency slot is taken first, so the request leaves no earlier than the rate
         slot it reserved.
         """
-        with self._slots:
+        with self.state.slot():
             self.acquire()
             outer = getattr(_THREAD, "limiter", None)
             _THREAD.limiter = self
@@ -189,15 +290,48 @@ class AccountLimiter:
         """
         with self._lock:
             self.throttled += 1
-            now = self._clock()
-            self._since_throttle = 0
-            if retry_after is not None:
-                self._paused_until = max(self._paused_until, now + retry_after)
-                return retry_after
-            self._pace = max(FLOOR, self._pace * SLOWDOWN)
-            # The window frees a slot within one interval: wait that long, not a backoff.
-            self._paused_until = max(self._paused_until, now + self.interval)
-            return self.interval
+        return self.state.throttled(retry_after)
+
+
+class LimitsBackend(Protocol):
+    """Makes the limiter states and breakers of provider accounts that several processes share.
+
+    The hub's default keeps both in its process; :class:`kiki_billing.hub.shared_limits.
+    RedisLimits` keeps them in Redis for the Celery executor's workers.
+    """
+
+    def limiter_state(self, target: str, account: str, limit: RateLimit) -> LimiterState:
+        """The shared state of an account's limiter."""
+        ...
+
+    def breaker(self, target: str, account: str, *, threshold: int, cooldown: float) -> Breaker:
+        """The shared circuit breaker of an account."""
+        ...
+
+
+class Breaker(Protocol):
+    """A circuit breaker of one provider account: in this process, or shared by workers."""
+
+    def allow(self) -> bool:
+        """May a delivery start now?"""
+        ...
+
+    def record_success(self) -> None:
+        """A delivery went through: close the circuit."""
+        ...
+
+    def record_failure(self) -> None:
+        """A delivery failed for a reason that says the provider is unwell."""
+        ...
+
+    @property
+    def is_open(self) -> bool:
+        """True while deliveries are being deferred."""
+        ...
+
+    def open_for(self) -> float | None:
+        """Seconds until a trial delivery is let through; ``None`` while the circuit is closed."""
+        ...
 
 
 def catch_up_held_slot() -> float:
@@ -267,4 +401,14 @@ class CircuitBreaker:
             return max(0.0, self._opened_at + self.cooldown - self.clock())
 
 
-__all__ = ["AccountLimiter", "CircuitBreaker", "RateLimit", "RateWindow", "catch_up_held_slot"]
+__all__ = [
+    "AccountLimiter",
+    "Breaker",
+    "CircuitBreaker",
+    "LimiterState",
+    "LimitsBackend",
+    "LocalLimiterState",
+    "RateLimit",
+    "RateWindow",
+    "catch_up_held_slot",
+]

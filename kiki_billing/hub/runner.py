@@ -37,7 +37,13 @@ from kiki_billing.hub.ledger import (
     StepWrite,
 )
 from kiki_billing.hub.plan import Delivery
-from kiki_billing.hub.ratelimit import LOCAL_LIMIT, AccountLimiter, CircuitBreaker
+from kiki_billing.hub.ratelimit import (
+    LOCAL_LIMIT,
+    AccountLimiter,
+    Breaker,
+    CircuitBreaker,
+    LimitsBackend,
+)
 from kiki_billing.hub.retry import RetryPolicy, run_with_retry
 from kiki_billing.models import Invoice
 from kiki_billing.plugin import (
@@ -143,7 +149,11 @@ def should_look_up(step: Step[Any], prior: StepRecord | None, created: set[str])
 
 
 class AccountMachinery:
-    """The limiters and circuit breakers of every provider account of a run."""
+    """The limiters and circuit breakers of every provider account of a run.
+
+    With a ``backend`` (the Celery executor's), each account's limiter counts and its breaker
+    opens in a store that every worker shares; without, in this process.
+    """
 
     def __init__(
         self,
@@ -153,12 +163,14 @@ class AccountMachinery:
         max_wait: float,
         sleep: Callable[[float], None],
         clock: Callable[[], float] = time.monotonic,
+        backend: LimitsBackend | None = None,
     ) -> None:
         import threading
 
         self._lock = threading.Lock()
         self._limiters: dict[tuple[str, str], AccountLimiter] = {}
-        self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
+        self._breakers: dict[tuple[str, str], Breaker] = {}
+        self._backend = backend
         self._threshold = breaker_threshold
         self._cooldown = breaker_cooldown
         self._max_wait = max_wait
@@ -171,23 +183,39 @@ class AccountMachinery:
         with self._lock:
             found = self._limiters.get(key)
             if found is None:
+                limit = adapter.rate_limit()
+                state = (
+                    None
+                    if self._backend is None
+                    else self._backend.limiter_state(adapter.name, adapter.account, limit)
+                )
                 found = self._limiters[key] = AccountLimiter(
-                    adapter.rate_limit(),
+                    limit,
                     clock=self._clock,
                     sleep=self._sleep,
                     max_wait=self._max_wait,
+                    state=state,
                 )
             return found
 
-    def breaker(self, adapter: BillingAdapter[Any, Any]) -> CircuitBreaker:
+    def breaker(self, adapter: BillingAdapter[Any, Any]) -> Breaker:
         """The circuit breaker of the adapter's account."""
         key = (adapter.name, adapter.account)
         with self._lock:
             found = self._breakers.get(key)
             if found is None:
-                found = self._breakers[key] = CircuitBreaker(
-                    threshold=self._threshold, cooldown=self._cooldown, clock=self._clock
-                )
+                if self._backend is None:
+                    found = CircuitBreaker(
+                        threshold=self._threshold, cooldown=self._cooldown, clock=self._clock
+                    )
+                else:
+                    found = self._backend.breaker(
+                        adapter.name,
+                        adapter.account,
+                        threshold=self._threshold,
+                        cooldown=self._cooldown,
+                    )
+                self._breakers[key] = found
             return found
 
     def limiters(self) -> dict[tuple[str, str], AccountLimiter]:
@@ -195,7 +223,7 @@ class AccountMachinery:
         with self._lock:
             return dict(self._limiters)
 
-    def breakers(self) -> dict[tuple[str, str], CircuitBreaker]:
+    def breakers(self) -> dict[tuple[str, str], Breaker]:
         """Every circuit breaker made so far (for the account health in the ledger)."""
         with self._lock:
             return dict(self._breakers)
@@ -332,7 +360,7 @@ class DeliveryRunner:
         delivery: Delivery,
         record: DeliveryRecord,
         adapter: BillingAdapter[Any, Any],
-        breaker: CircuitBreaker,
+        breaker: Breaker,
         *,
         first_claim: bool,
     ) -> DeliveryOutcome:
@@ -459,7 +487,7 @@ class DeliveryRunner:
         delivery: Delivery,
         record: DeliveryRecord,
         adapter: BillingAdapter[Any, Any],
-        breaker: CircuitBreaker,
+        breaker: Breaker,
         step_name: str,
         refs: Mapping[str, str],
         error: DeliveryError,

@@ -36,6 +36,15 @@ class HubSettings(BaseSettings):
     breaker_threshold: int = Field(default=5, ge=1, le=10000)
     breaker_cooldown: float = Field(default=60.0, ge=0, le=86400)
     lease_seconds: float = Field(default=120.0, ge=5, le=86400)
+    broker_url: str | None = None
+    """The Celery broker of ``--executor celery`` (``redis://...`` or ``amqp://...``)."""
+    limits_url: str | None = None
+    """The Redis that holds the shared rate limits and breakers; default: a Redis broker."""
+    celery_queue: str = Field(default="kiki-deliveries", min_length=1, max_length=200)
+    celery_visibility_timeout: float = Field(default=3600.0, ge=10, le=7 * 86400)
+    """Seconds before a Redis broker hands an unacknowledged task to another worker."""
+    slot_lease: float = Field(default=15.0, ge=1, le=3600)
+    """Seconds a dead worker's concurrency slot stays taken."""
 
     def retry_policy(self) -> RetryPolicy:
         """The retry policy these settings describe."""

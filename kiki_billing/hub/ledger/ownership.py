@@ -11,6 +11,16 @@ def process_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{process_start(os.getpid())}"
 
 
+def worker_owner(node: str) -> str:
+    """``node:pid:start`` of a Celery worker process, ``node`` being its ``name@host``.
+
+    The node name never equals a host name, so :func:`owner_is_dead` never declares a worker's
+    claim dead from this host's process table: worker processes live in containers and on
+    other machines, and only their lease running out frees what they held.
+    """
+    return f"{node}:{os.getpid()}:{process_start(os.getpid())}"
+
+
 def process_start(pid: int) -> str:
     """The process's start time in clock ticks since boot ("Z" for a zombie, "0" if unknown)."""
     try:

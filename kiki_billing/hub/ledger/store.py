@@ -637,6 +637,36 @@ class Ledger:
                 .values(state=DeliveryState.DEFERRED.value, last_error=reason, updated_at=_now())
             )
 
+    def requeue(self, delivery_ids: Iterable[int]) -> None:
+        """Mark deferred (and failed, when re-driven) deliveries ``pending`` again: queued."""
+        ids = list(delivery_ids)
+        for start in range(0, len(ids), 500):
+            with self.engine.begin() as conn:
+                conn.execute(
+                    deliveries_table.update()
+                    .where(
+                        deliveries_table.c.id.in_(ids[start : start + 500]),
+                        deliveries_table.c.state.in_(
+                            [DeliveryState.DEFERRED.value, DeliveryState.FAILED.value]
+                        ),
+                    )
+                    .values(state=DeliveryState.PENDING.value, updated_at=_now())
+                )
+
+    def deliveries_by_id(self, delivery_ids: Iterable[int]) -> list[DeliveryRecord]:
+        """The deliveries with these ids (any order)."""
+        ids = list(delivery_ids)
+        found: list[DeliveryRecord] = []
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                rows = conn.execute(
+                    sa.select(deliveries_table).where(
+                        deliveries_table.c.id.in_(ids[start : start + 500])
+                    )
+                )
+                found.extend(_delivery(row) for row in rows)
+        return found
+
     def deliveries(
         self,
         *,
