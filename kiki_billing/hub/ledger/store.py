@@ -683,6 +683,53 @@ class Ledger:
         with self.engine.connect() as conn:
             return [_delivery(row) for row in conn.execute(query)]
 
+    def superseded(
+        self, number: str, revision: int, target: str, account: str
+    ) -> list[DeliveryRecord]:
+        """Deliveries of revisions of ``number`` older than ``revision`` to a target account.
+
+        Each was superseded by ``revision``: its delivery corrects them (void or credit) first.
+        """
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deliveries_table)
+                .where(
+                    deliveries_table.c.invoice_number == number,
+                    deliveries_table.c.revision < revision,
+                    deliveries_table.c.target == target,
+                    deliveries_table.c.account == account,
+                )
+                .order_by(deliveries_table.c.revision)
+            ).all()
+        return [_delivery(row) for row in rows]
+
+    def latest_revisions(self, numbers: Iterable[str]) -> dict[str, int]:
+        """The newest revision recorded for each of ``numbers`` that has any."""
+        wanted = sorted(set(numbers))
+        found: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                rows = conn.execute(
+                    sa.select(invoices_table.c.number, sa.func.max(invoices_table.c.revision))
+                    .where(invoices_table.c.number.in_(chunk))
+                    .group_by(invoices_table.c.number)
+                ).all()
+                found.update({row[0]: int(row[1]) for row in rows})
+        return found
+
+    def known_refs(self, record: DeliveryRecord) -> dict[str, str]:
+        """The ids a delivery obtained: its recorded refs and those of every step done.
+
+        A delivery killed mid-way has no refs of its own yet; its steps have.
+        """
+        refs: dict[str, str] = {}
+        for step in self.steps(record.id).values():
+            if step.state is DeliveryState.DELIVERED:
+                refs.update(step.refs)
+        refs.update(record.refs)
+        return refs
+
     # Steps ----------------------------------------------------------------------------------
 
     def steps(self, delivery_id: int) -> dict[str, StepRecord]:
@@ -1002,7 +1049,8 @@ def conflict_message(invoice: Invoice, recorded_hash: str | None) -> str:
     return (
         f"invoice {invoice.number} revision {invoice.revision} was issued before with other "
         f"billed content (hash {shown}, now {invoice.billing_hash()[:12]}); "
-        "a correction needs a new revision"
+        "a correction needs a new revision: review it with `kiki-billing push --amend --dry-run`, "
+        "then issue it with `kiki-billing push --amend`"
     )
 
 
