@@ -168,15 +168,30 @@ def push(
         bool, typer.Option("--quiet", "-q", help="No tables or bars; errors and a summary line.")
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    amend: Annotated[
+        bool,
+        typer.Option(
+            "--amend",
+            help="Issue a new revision of every invoice whose recomputed content differs from "
+            "the one issued: void it (unpaid) or credit it (paid) wherever it went, then push "
+            "the revision. Shows the differences and asks first.",
+        ),
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="With --amend: do not ask (for scripts).")
+    ] = False,
 ) -> None:
     """Compute the period's invoices and deliver each to its client's targets.
 
     Exits 0 only when every delivery is delivered; 1 when any failed, was deferred or is held
-    by another process; 2 for bad input or configuration (nothing sent).
+    by another process, or an issued invoice changed (run with --amend); 2 for bad input or
+    configuration (nothing sent).
     """
     from kiki_billing.cli_delivery import run_push
 
     run_push(
+        amend=amend,
+        yes=yes,
         period=period,
         contracts=contracts,
         metrics=metrics,

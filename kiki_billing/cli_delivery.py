@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from kiki_billing.money import format_money
 if TYPE_CHECKING:
     from kiki_billing.hub.ledger import DeliveryRecord, Ledger
     from kiki_billing.hub.plan import Delivery, Plan
+    from kiki_billing.hub.revisions import Amendment
     from kiki_billing.hub.runner import DeliveryOutcome, Preview
     from kiki_billing.hub.settings import HubSettings
     from kiki_billing.models import Invoice
@@ -117,13 +119,18 @@ def run_push(
     skip_untargeted: bool,
     quiet: bool,
     no_progress: bool,
+    amend: bool = False,
+    yes: bool = False,
     **options: Any,
 ) -> None:
-    """``kiki-billing push``."""
+    """``kiki-billing push`` (``--amend``: issue new revisions of changed invoices)."""
     from kiki_billing.hub.plan import plan_deliveries
     from kiki_billing.hub.registry import create_adapter, known_adapter_names
+    from kiki_billing.hub.revisions import as_revision, plan_revisions
     from kiki_billing.hub.settings import load_hub_settings
 
+    if yes and not amend:
+        raise InputError("--yes confirms --amend; use them together", field="--yes")
     computed = compute_from_options(**options)
     settings = load_hub_settings()
     _check_targets(computed.run.invoices, computed.contracts, skip_untargeted, client)
@@ -138,8 +145,19 @@ def run_push(
     ):
         if computed.undated_source is not None:
             _check_undated_source(ledger, computed.undated_source, computed, record=not dry_run)
+        revisions = plan_revisions(computed.run.invoices, ledger)
+        invoices = list(revisions.current)
+        amendments = [
+            a for a in revisions.amendments if client is None or a.revised.client_id == client
+        ]
+        if amend:
+            invoices.extend(a.revised for a in amendments)
+        else:
+            # Pushed under the revision issued: the ledger refuses the other content and the
+            # outcome says to amend.
+            invoices.extend(as_revision(a.revised, a.issued.revision) for a in revisions.amendments)
         plan = plan_deliveries(
-            computed.run.invoices,
+            invoices,
             computed.contracts,
             lambda name: create_adapter(name, _credentials_factory(ledger)),
             known_targets=known_adapter_names(),
@@ -147,12 +165,95 @@ def run_push(
             client=client,
         )
         try:
+            if amend:
+                if not amendments:
+                    console().print(
+                        "Nothing to amend: every invoice matches the revision issued.",
+                        markup=False,
+                    )
+                else:
+                    show_amendments(ledger, amendments, plan)
+                    if not dry_run:
+                        _confirm_amendments(amendments, yes)
             if dry_run:
                 _dry_run(ledger, plan, settings)
                 return
             _drive(ledger, plan, settings, Display(quiet, not (quiet or no_progress)), False)
         finally:
             plan.close()
+
+
+def _confirm_amendments(amendments: Sequence[Amendment], yes: bool) -> None:
+    """Ask before issuing revisions (``--yes`` answers for scripts); exit 1 on no."""
+    if yes:
+        return
+    count = len(amendments)
+    question = f"Issue {count} new revision{'s' if count != 1 else ''} as shown above?"
+    try:
+        confirmed = typer.confirm(question, default=False, err=True)
+    except typer.Abort:
+        confirmed = False
+    if not confirmed:
+        err_console().print("Not confirmed: nothing was sent (pass --yes in scripts).")
+        raise typer.Exit(1)
+
+
+def show_amendments(ledger: Ledger, amendments: Sequence[Amendment], plan: Plan) -> None:
+    """Print each amendment: total, lines and fields that changed, and what happens where."""
+    from rich.table import Table
+
+    out = console()
+    for a in amendments:
+        old, new = a.issued, a.revised
+        cur = new.currency
+        sign = "+" if a.difference > 0 else ""
+        out.print(
+            f"{new.number} ({plain(new.client_id).plain}): revision {old.revision} -> "
+            f"{new.revision} ({new.document_number}): total {money(old.total_fee, old.currency)}"
+            f" -> {money(new.total_fee, cur)} {cur} ({sign}{money(a.difference, cur)})",
+            markup=False,
+        )
+        if a.lines:
+            table = Table(show_edge=False)
+            for column in ("Line", "Change", "Before", "After", "Difference"):
+                left = column in ("Line", "Change")
+                table.add_column(column, justify="left" if left else "right")
+            zero = Decimal(0)
+            for change in a.lines:
+                table.add_row(
+                    plain(change.description),
+                    change.kind,
+                    "" if change.before is None else money(change.before, cur),
+                    "" if change.after is None else money(change.after, cur),
+                    money((change.after or zero) - (change.before or zero), cur),
+                )
+            table.add_section()
+            table.add_row(
+                "Total",
+                "",
+                money(old.total_fee, old.currency),
+                money(new.total_fee, cur),
+                money(a.difference, cur),
+            )
+            out.print(table)
+        for name, was, now in a.header:
+            out.print(f"  {name}: {was} -> {now}", markup=False)
+        reached = [
+            r for r in ledger.deliveries(invoice_number=new.number) if r.revision < new.revision
+        ]
+        planned = {(d.target, d.account) for d in plan.deliveries if d.invoice is new}
+        for record in reached:
+            where = (record.target, record.account)
+            fate = (
+                "voided if unpaid, credited in full if paid, before the revision is pushed"
+                if where in planned
+                else "NOT corrected: no longer a target of this client or account"
+            )
+            out.print(
+                f"  {record.target} (account {record.account}) holds revision "
+                f"{record.revision} ({record.state.value}): {fate}",
+                markup=False,
+            )
 
 
 @contextlib.contextmanager
@@ -240,6 +341,15 @@ def run_retry(
             target=target,
             client_id=client,
         )
+        latest = ledger.latest_revisions(r.invoice_number for r in records)
+        for record in records:
+            newest = latest.get(record.invoice_number, record.revision)
+            if record.revision < newest:
+                warn(
+                    f"{record.invoice_number} revision {record.revision} to {record.target}: not "
+                    f"retried, superseded by revision {newest} (whose delivery corrects it)"
+                )
+        records = [r for r in records if r.revision >= latest.get(r.invoice_number, r.revision)]
         if not records:
             console().print("Nothing to retry.")
             return
@@ -449,10 +559,22 @@ def run_status(
                 invoice_number=invoice,
             )
         )
+        latest = (
+            {} if ledger is None else ledger.latest_revisions(r.invoice_number for r in records)
+        )
     now = time.time()
     stuck = {r.id for r in records if _stuck(r, now)}
+    superseded = {
+        r.id: latest[r.invoice_number]
+        for r in records
+        if r.revision < latest.get(r.invoice_number, r.revision)
+    }
     if json_output:
-        print(json.dumps([_record_data(r, r.id in stuck) for r in records], indent=2))
+        print(
+            json.dumps(
+                [_record_data(r, r.id in stuck, superseded.get(r.id)) for r in records], indent=2
+            )
+        )
     else:
         table = Table(title="Deliveries" + (f", {label}" if label else ""))
         for column in (
@@ -474,7 +596,9 @@ def run_status(
                 plain(r.client_id),
                 r.target,
                 plain(r.account),
-                r.state.value + (" (stuck: holder gone)" if r.id in stuck else ""),
+                r.state.value
+                + (" (stuck: holder gone)" if r.id in stuck else "")
+                + (f" (superseded by r{superseded[r.id]})" if r.id in superseded else ""),
                 str(r.attempts),
                 plain(_refs(r.refs)),
                 plain(r.last_error or ""),
@@ -485,19 +609,24 @@ def run_status(
             ", ".join(f"{n} {s}" for s, n in sorted(tally.items())) or "no deliveries recorded",
             markup=False,
         )
+    # A superseded revision is settled by its successor's delivery (which corrects it).
     unsettled = [
         r
         for r in records
-        if r.state in (DeliveryState.FAILED, DeliveryState.DEFERRED) or r.id in stuck
+        if (r.state in (DeliveryState.FAILED, DeliveryState.DEFERRED) or r.id in stuck)
+        and r.id not in superseded
     ]
     if unsettled:
         raise typer.Exit(1)
 
 
-def _record_data(r: DeliveryRecord, stuck: bool) -> dict[str, Any]:
+def _record_data(
+    r: DeliveryRecord, stuck: bool, superseded_by: int | None = None
+) -> dict[str, Any]:
     return {
         "invoice": r.invoice_number,
         "revision": r.revision,
+        "superseded_by": superseded_by,
         "client_id": r.client_id,
         "period": r.period,
         "target": r.target,
