@@ -903,6 +903,17 @@ class BillingAdapter(ABC, Generic[SettingsT, ClientT]):
         """
         raise NotImplementedError(f"adapter {self.name!r} cannot void or credit an invoice")
 
+    def settlement_steps(self, correction: Correction, client: ClientT) -> Sequence[Step[ClientT]]:
+        """Writes that set a credited revision's payment against the new revision, if any.
+
+        Run after the new revision's own steps, for ``CREDIT`` corrections only, like
+        :meth:`correction_steps` (keys, look-ups, the ledger; names prefixed by the hub), with
+        ``ctx.invoice`` the new revision and ``ctx.refs`` its ids. For a provider that keeps a
+        customer credit balance and applies it by itself (Stripe), or leaves it to the
+        bookkeeper (a credit note's remaining credit), there is nothing to do (the default).
+        """
+        return ()
+
     # What the hub owns -----------------------------------------------------------------------
 
     @final

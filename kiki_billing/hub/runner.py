@@ -383,10 +383,20 @@ class DeliveryRunner:
         )
         try:
             adapter.validate(invoice, delivery.client)
+            corrections: list[Correction] = []
             if invoice.revision > 0:
-                refs.update(self._correct_superseded(delivery, adapter, run))
+                corrections = self._correct_superseded(delivery, adapter, run)
+                refs.update(
+                    {f"corrected_r{c.invoice.revision}": c.action.value for c in corrections}
+                )
             for step in adapter.steps(invoice, delivery.client):
                 self._step(delivery, adapter, run, step, invoice, refs, client_refs=True)
+            for correction in corrections:
+                if correction.action is not CorrectionAction.CREDIT:
+                    continue
+                settlement = adapter.settlement_steps(correction, delivery.client)
+                for step in prefixed(settlement, correction.invoice.revision):
+                    self._step(delivery, adapter, run, step, invoice, refs, client_refs=False)
         except DeliveryError as exc:
             return self._failed(
                 delivery, record, adapter, breaker, run.step_name, refs, exc, logger, run
@@ -477,10 +487,10 @@ class DeliveryRunner:
 
     def _correct_superseded(
         self, delivery: Delivery, adapter: BillingAdapter[Any, Any], run: _StepRun
-    ) -> dict[str, str]:
+    ) -> list[Correction]:
         """Void or credit each older revision delivered to this target account.
 
-        See :mod:`kiki_billing.hub.corrections`. Returns ``corrected_r<n>: action`` per revision.
+        See :mod:`kiki_billing.hub.corrections`. Returns what was decided per revision.
 
         Raises:
             TransientError: An older revision is being delivered by another live process.
@@ -488,7 +498,7 @@ class DeliveryRunner:
                 correct (no ``remote_invoices`` or ``correction_steps``).
         """
         invoice = delivery.invoice
-        summary: dict[str, str] = {}
+        decided: list[Correction] = []
         for old in self.ledger.superseded(
             invoice.number, invoice.revision, delivery.target, delivery.account
         ):
@@ -508,7 +518,7 @@ class DeliveryRunner:
             if prior is not None and prior.state is DeliveryState.DELIVERED:
                 earlier = from_recorded(prior.refs, previous, invoice, base)
             if earlier is not None and self._correction_done(delivery, adapter, run, earlier):
-                summary[f"corrected_r{old.revision}"] = earlier.action.value
+                decided.append(earlier)
                 continue
             step_log = run.logger.bind(step=name)
             try:
@@ -538,8 +548,8 @@ class DeliveryRunner:
             refs = dict(correction.refs)
             for step in self._correction_steps(delivery, adapter, correction):
                 self._step(delivery, adapter, run, step, previous, refs, client_refs=False)
-            summary[f"corrected_r{old.revision}"] = correction.action.value
-        return summary
+            decided.append(correction)
+        return decided
 
     def _correction_steps(
         self, delivery: Delivery, adapter: BillingAdapter[Any, Any], correction: Correction
