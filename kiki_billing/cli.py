@@ -278,6 +278,25 @@ def show(
 
 @app.command()
 @reports_errors
+def reconcile(
+    period: Annotated[str | None, typer.Option("--period", help="Only this month.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Only this target.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Check each billing system against the ledger, invoice by invoice (read-only).
+
+    Every delivered invoice exists there exactly once, with the same amount, currency and
+    status, and no object carrying our numbers is unknown to the ledger.
+
+    Exits 0 when everything matches, 1 on any drift, 2 for bad input or settings.
+    """
+    from kiki_billing.cli_reconcile import run_reconcile
+
+    run_reconcile(period=period, target=target, json_output=json_output)
+
+
+@app.command()
+@reports_errors
 def connect(
     target: Annotated[str, typer.Argument(help="The adapter to connect: quickbooks or xero.")],
     port: Annotated[

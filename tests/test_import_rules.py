@@ -26,6 +26,7 @@ CLI = (
     "kiki_billing.cli_compute",
     "kiki_billing.cli_connect",
     "kiki_billing.cli_delivery",
+    "kiki_billing.cli_reconcile",
     "kiki_billing.cli_support",
     "kiki_billing.audit_cli",
 )

@@ -174,3 +174,18 @@ def test_the_fake_refuses_what_quickbooks_refuses(
     with pytest.raises(quickbooks.exceptions.QuickbooksException) as over:
         adapter._call(lambda c: c.create_object("Payment", too_much))
     assert "more than the open balance" in str(over.value.detail)
+
+
+def test_the_period_listing_finds_every_revision(
+    fake: FakeQuickBooks, make_adapter: Made, push: Pusher
+) -> None:
+    adapter, first = make_adapter(), saas()
+    push(adapter, [first])
+    push(adapter, [amended(first)])
+    start = len(fake.requests)
+    listed = adapter.remote_period_invoices(first.period)
+    assert fake.writes_since(start) == []
+    assert sorted((r.kiki_number, r.kiki_revision, r.state.value) for r in listed) == [
+        (first.number, 0, "void"),
+        (first.number, 1, "open"),
+    ]

@@ -281,3 +281,19 @@ def test_the_fake_refuses_what_stripe_refuses(fake: FakeStripe, ledger: Ledger) 
             params={"invoice": invoice_id, "amount": 1, "credit_amount": 1, "bogus": "x"}  # type: ignore[typeddict-unknown-key]
         )
     assert fake.state()["credit_notes"] == []
+
+
+def test_the_period_listing_finds_every_revision(fake: FakeStripe, ledger: Ledger) -> None:
+    first = issued()
+    push(fake, ledger, first)
+    push(fake, ledger, amended(first))
+    adapter = StripeAdapter(StripeSettings(api_key=TEST_KEY, api_base=fake.url))
+    start = len(fake.requests)
+    listed = adapter.remote_period_invoices("2026-01")
+    assert fake.writes_since(start) == []
+    assert sorted((r.kiki_number, r.kiki_revision, r.state.value) for r in listed) == [
+        (first.number, 0, "void"),
+        (first.number, 1, "open"),
+    ]
+    assert adapter.remote_period_invoices("2026-02") == []
+    adapter.close()

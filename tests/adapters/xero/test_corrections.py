@@ -232,3 +232,19 @@ def test_the_fake_refuses_what_xero_refuses(
     ).body["Allocations"][0]
     assert "exceeds the invoice's amount due" in str(over["ValidationErrors"])
     assert invoice_numbered(fake, first.number)["Status"] == "AUTHORISED"
+
+
+def test_the_period_listing_finds_every_revision(
+    fake: FakeXero, make_adapter: MakeAdapter, ledger: Ledger
+) -> None:
+    adapter, first = make_adapter(), sample_invoice()
+    push(adapter, ledger, first)
+    push(adapter, ledger, amended(first))
+    start = len(fake.requests)
+    listed = adapter.remote_period_invoices("2026-01")
+    assert fake.writes_since(start) == []
+    assert sorted((r.kiki_number, r.kiki_revision, r.state.value) for r in listed) == [
+        (first.number, 0, "void"),
+        (first.number, 1, "open"),
+    ]
+    assert adapter.remote_period_invoices("2026-02") == []

@@ -141,3 +141,19 @@ def test_a_cancel_interrupted_after_the_unpost_is_finished_by_the_rerun(
     assert outcome.ok, outcome.error
     assert one(fake, first)["Status"] == "Canceled"
     assert len(invoices_of(fake, second)) == 1
+
+
+def test_the_period_listing_finds_every_revision(
+    fake: FakeZuora, make_adapter: MakeAdapter, pusher: Pusher
+) -> None:
+    adapter, first = make_adapter(), invoice()
+    pusher.push(adapter, first)
+    pusher.push(adapter, amended(first, "0.5"))
+    start = len(fake.requests)
+    listed = adapter.remote_period_invoices("2026-01")
+    assert fake.app.writes_since(start) == []
+    assert sorted((r.kiki_number, r.kiki_revision, r.state.value) for r in listed) == [
+        (first.number, 0, "void"),
+        (first.number, 1, "open"),
+    ]
+    assert adapter.remote_period_invoices("2026-02") == []
