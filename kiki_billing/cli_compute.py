@@ -98,9 +98,27 @@ def compute_from_options(
 
 
 def run_compute(*, out: Path, json_output: bool, **options: object) -> None:
-    """``kiki-billing compute``."""
+    """``kiki-billing compute``: with fees carried forward from the ledger, if there is one."""
     computed = compute_from_options(**options)  # type: ignore[arg-type]
+    if computed.carries_forward():
+        computed = with_ledger_carries(computed)
     write_and_show(computed, out, json_output)
+
+
+def with_ledger_carries(computed: ComputedPeriod) -> ComputedPeriod:
+    """The run priced with the fees earlier pushes carried forward (the ledger only read)."""
+    from kiki_billing.hub.ledger import Ledger
+    from kiki_billing.hub.settings import load_hub_settings
+
+    settings = load_hub_settings()
+    url = settings.ledger_location()
+    if settings.ledger_url is None and not (settings.data_dir / "ledger.sqlite3").exists():
+        return computed
+    ledger = Ledger(url, lease_seconds=settings.lease_seconds)
+    try:
+        return computed.with_carried(ledger.carried_into(computed.run.period.label))
+    finally:
+        ledger.close()
 
 
 def run_demo(*, out: Path, json_output: bool) -> None:
@@ -148,7 +166,10 @@ def show_run(run: BillingRun) -> None:
             money(inv.total_fee, cur),
         )
     for nb in run.not_billed:
-        table.add_row(nb.client_id, f"not billed ({nb.reason})", "0", "", "", "", "")
+        shown = f"not billed ({nb.reason})"
+        if nb.carried_fee is not None:
+            shown = f"carried forward: {money(nb.carried_fee, nb.currency)} {nb.currency}"
+        table.add_row(nb.client_id, shown, "0", "", "", "", "")
     for totals in run.summary.by_currency:
         cur = totals.currency
         table.add_section()

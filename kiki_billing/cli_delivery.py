@@ -134,17 +134,20 @@ def run_push(
     computed = compute_from_options(**options)
     settings = load_hub_settings()
     _check_targets(computed.run.invoices, computed.contracts, skip_untargeted, client)
-    for nb in computed.run.not_billed:
-        if not quiet:
-            err_console().print(
-                f"{nb.client_id}: not billed ({nb.reason}); nothing to push", markup=False
-            )
     with (
         open_ledger(settings, must_exist=dry_run) as found,
         _ledger_or_scratch(found) as ledger,
     ):
+        if computed.carries_forward():
+            computed = computed.with_carried(ledger.carried_into(computed.run.period.label))
+            _check_targets(computed.run.invoices, computed.contracts, skip_untargeted, client)
+        for nb in computed.run.not_billed:
+            if not quiet:
+                err_console().print(f"{nb.client_id}: {not_billed_text(nb)}", markup=False)
         if computed.undated_source is not None:
             _check_undated_source(ledger, computed.undated_source, computed, record=not dry_run)
+        if computed.carries_forward() and not dry_run:
+            _record_carried(ledger, computed, client)
         revisions = plan_revisions(computed.run.invoices, ledger)
         invoices = list(revisions.current)
         amendments = [
@@ -181,6 +184,38 @@ def run_push(
             _drive(ledger, plan, settings, Display(quiet, not (quiet or no_progress)), False)
         finally:
             plan.close()
+
+
+def not_billed_text(nb: Any) -> str:
+    """Why a client of the run gets no invoice, in one line."""
+    if nb.reason == "carried_forward":
+        fee = format_money(nb.carried_fee, nb.currency)
+        below = format_money(nb.carried_below, nb.currency)
+        return (
+            f"not billed (carried_forward: {fee} {nb.currency}, the total being below "
+            f"{below}); carried to the next period's invoice"
+        )
+    return f"not billed ({nb.reason}); nothing to push"
+
+
+def _record_carried(ledger: Ledger, computed: Any, client: str | None) -> None:
+    """Keep the fees carried forward, and check that no invoiced period was carried already.
+
+    Raises:
+        InputError: A period's fee was carried and billed on a later invoice already.
+    """
+    from kiki_billing.hub.ledger import InvoiceConflictError
+
+    period = computed.run.period.label
+    try:
+        for nb in computed.run.not_billed:
+            if nb.reason == "carried_forward" and (client is None or nb.client_id == client):
+                ledger.record_carried(nb.client_id, period, nb.currency, nb.carried_fee)
+        for inv in computed.run.invoices:
+            if client is None or inv.client_id == client:
+                ledger.check_not_carried(inv.client_id, period)
+    except InvoiceConflictError as exc:
+        raise InputError(str(exc), field="carry_forward_below") from None
 
 
 def _confirm_amendments(amendments: Sequence[Amendment], yes: bool) -> None:

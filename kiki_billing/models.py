@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -228,21 +229,26 @@ class Contract(Frozen):
             and self.minimum_fee > self.fee_cap
         ):
             raise ValueError(f"minimum_fee {self.minimum_fee} exceeds fee_cap {self.fee_cap}")
-        below = self.carry_forward_below
-        if below == "stripe" and self.currency not in STRIPE_MINIMUM_CHARGE:
+        return self
+
+    @field_validator("carry_forward_below")
+    @classmethod
+    def _check_carry_forward(
+        cls, below: Decimal | str | None, info: ValidationInfo
+    ) -> Decimal | str | None:
+        currency = str(info.data.get("currency") or "USD")
+        if below == "stripe" and currency not in STRIPE_MINIMUM_CHARGE:
             raise ValueError(
-                f"carry_forward_below: Stripe publishes no minimum charge for {self.currency}; "
-                'give the amount instead (e.g. "0.50")'
+                f"Stripe publishes no minimum charge for {currency}; give the amount instead "
+                '(e.g. "0.50")'
             )
         if isinstance(below, Decimal):
             if below <= 0:
-                raise ValueError(f"carry_forward_below must be more than 0, got {below}")
-            exponent = currency_exponent(self.currency)
+                raise ValueError(f"must be more than 0, got {below}")
+            exponent = currency_exponent(currency)
             if below != below.quantize(Decimal(1).scaleb(-exponent)):
-                raise ValueError(
-                    f"carry_forward_below {below} has more decimals than {self.currency} has"
-                )
-        return self
+                raise ValueError(f"{below} has more decimals than {currency} has")
+        return below
 
     def carry_threshold(self) -> Decimal | None:
         """The total below which a fee is carried forward, or ``None``."""
