@@ -18,6 +18,7 @@ import typer
 from kiki_billing.cli_compute import compute_from_options, money, parse_period, plain
 from kiki_billing.cli_support import console, err_console, warn
 from kiki_billing.errors import ConfigurationError, InputError
+from kiki_billing.models import revision_number
 from kiki_billing.money import format_money
 
 if TYPE_CHECKING:
@@ -472,7 +473,7 @@ def show_outcomes(outcomes: list[DeliveryOutcome], *, quiet: bool = False) -> No
         for outcome in outcomes:
             table.add_row(
                 plain(outcome.client_id),
-                outcome.invoice_number,
+                revision_number(outcome.invoice_number, outcome.revision),
                 outcome.target,
                 plain(outcome.account),
                 outcome.state.value,
@@ -484,7 +485,8 @@ def show_outcomes(outcomes: list[DeliveryOutcome], *, quiet: bool = False) -> No
         if not outcome.ok:
             # In full, on one line: a table cell truncates, and scripts grep for the reason.
             err_console().print(
-                f"{outcome.invoice_number} {outcome.target}: {outcome.state.value}: "
+                f"{revision_number(outcome.invoice_number, outcome.revision)} "
+                f"{outcome.target}: {outcome.state.value}: "
                 f"{outcome.error or outcome.note or ''}",
                 markup=False,
                 soft_wrap=True,

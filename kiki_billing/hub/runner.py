@@ -95,6 +95,7 @@ class DeliveryOutcome:
     refs: Mapping[str, str] = field(default_factory=dict)
     error: str | None = None
     note: str | None = None
+    revision: int = 0
 
     @property
     def ok(self) -> bool:
@@ -738,4 +739,5 @@ def outcome(
         refs=dict(refs or {}),
         error=error,
         note=note,
+        revision=delivery.invoice.revision,
     )
