@@ -98,27 +98,54 @@ def compute_from_options(
 
 
 def run_compute(*, out: Path, json_output: bool, **options: object) -> None:
-    """``kiki-billing compute``: with fees carried forward from the ledger, if there is one."""
+    """``kiki-billing compute``: read against the ledger, if there is one (only read).
+
+    Fees carried forward are billed as ``push`` bills them, and an invoice issued before carries
+    the revision it is: the one issued when nothing changed, the next one when it did (what
+    ``push --amend`` would issue).
+    """
     computed = compute_from_options(**options)  # type: ignore[arg-type]
-    if computed.carries_forward():
-        computed = with_ledger_carries(computed)
-    write_and_show(computed, out, json_output)
+    write_and_show(with_ledger(computed), out, json_output)
 
 
-def with_ledger_carries(computed: ComputedPeriod) -> ComputedPeriod:
-    """The run priced with the fees earlier pushes carried forward (the ledger only read)."""
+def with_ledger(computed: ComputedPeriod) -> ComputedPeriod:
+    """The run with the ledger's carried fees and revisions (the ledger only read)."""
+    import dataclasses
+
+    import sqlalchemy
+
+    from kiki_billing.errors import ConfigurationError
     from kiki_billing.hub.ledger import Ledger
+    from kiki_billing.hub.revisions import plan_revisions
     from kiki_billing.hub.settings import load_hub_settings
 
-    settings = load_hub_settings()
-    url = settings.ledger_location()
-    if settings.ledger_url is None and not (settings.data_dir / "ledger.sqlite3").exists():
-        return computed
-    ledger = Ledger(url, lease_seconds=settings.lease_seconds)
     try:
-        return computed.with_carried(ledger.carried_into(computed.run.period.label))
+        settings = load_hub_settings()
+        if settings.ledger_url is None and not (settings.data_dir / "ledger.sqlite3").exists():
+            return computed
+        ledger = Ledger(settings.ledger_location(), lease_seconds=settings.lease_seconds)
+    except (ConfigurationError, sqlalchemy.exc.SQLAlchemyError, OSError, RuntimeError) as exc:
+        reason = exc if isinstance(exc, ConfigurationError) else type(exc).__name__
+        warn(f"the ledger was not read ({reason}): carried fees and revisions are not shown")
+        return computed
+    try:
+        if computed.carries_forward():
+            computed = computed.with_carried(ledger.carried_into(computed.run.period.label))
+        revisions = plan_revisions(computed.run.invoices, ledger)
     finally:
         ledger.close()
+    if not revisions.amendments and all(i.revision == 0 for i in revisions.current):
+        return computed
+    labelled = {inv.number: inv for inv in revisions.current}
+    for amendment in revisions.amendments:
+        labelled[amendment.revised.number] = amendment.revised
+        warn(
+            f"{amendment.revised.number} changed since revision {amendment.issued.revision} "
+            f"was issued: this is revision {amendment.revised.revision} "
+            f"({amendment.revised.document_number}); `push --amend` issues it"
+        )
+    invoices = tuple(labelled[inv.number] for inv in computed.run.invoices)
+    return dataclasses.replace(computed, run=dataclasses.replace(computed.run, invoices=invoices))
 
 
 def run_demo(*, out: Path, json_output: bool) -> None:

@@ -184,7 +184,7 @@ def compute_period(
 
 def invoice_file_name(invoice: Invoice) -> str:
     """Where an invoice's canonical JSON goes under the output folder."""
-    return f"invoices/{invoice.number}.json"
+    return f"invoices/{invoice.document_number}.json"
 
 
 def render_run_files(run: BillingRun, exports: ExportSettings) -> dict[str, str]:

@@ -51,6 +51,29 @@ def test_amend_flow_with_file_targets(tmp_path: Path) -> None:
     assert "json (account" in dry.stdout and "voided if unpaid" in dry.stdout
     assert set(exports(tmp_path)) == issued
 
+    # compute reads the ledger: the changed invoice is the next revision, in every file.
+    out = tmp_path / "computed"
+    computed = run(
+        tmp_path,
+        "compute",
+        "--period",
+        "2026-01",
+        "--contracts",
+        str(file),
+        "--metrics",
+        str(tmp_path / "metrics.csv"),
+        "--out",
+        str(out),
+        metrics=CHANGED,
+    )
+    assert computed.returncode == 0, computed.stderr
+    assert "this is revision 1" in computed.stderr and "push --amend" in computed.stderr
+    [document] = (out / "invoices").glob("*.json")
+    assert document.name.endswith("-R1.json")
+    assert json.loads(document.read_text())["revision"] == 1
+    assert "-R1," in (out / "xero-invoices.csv").read_text()
+    assert set(exports(tmp_path)) == issued
+
     # Not confirmed (no terminal, no --yes): nothing sent.
     refused = run(tmp_path, *push_args(tmp_path, file, "--amend"), metrics=CHANGED)
     assert refused.returncode == 1
