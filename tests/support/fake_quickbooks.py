@@ -573,6 +573,65 @@ def _sales_line(company: Company, line: Mapping[str, Any], where: str) -> tuple[
     return stored, amount
 
 
+@dataclass
+class _SalesDocument:
+    """What an invoice and a credit memo have in common, checked alike."""
+
+    customer_id: str
+    customer: JSON
+    currency: str
+    number: Any
+    lines: list[JSON]
+    total: Decimal
+
+
+def _sales_document(
+    app: FakeQuickBooksApp, company: Company, payload: JSON, kind: str, table: Mapping[str, JSON]
+) -> _SalesDocument:
+    """The customer, currency, DocNumber and sales lines of an invoice or credit memo.
+
+    QBO's rules: an active customer, lengths, the customer's currency, a DocNumber not used by
+    another document of the kind (6140, unless configured), at least one line, each line's
+    amount checked (:func:`_sales_line`).
+    """
+    customer_id = _ref(payload, "CustomerRef")
+    if customer_id is None:
+        raise missing("CustomerRef")
+    customer = company.customers.get(customer_id)
+    if customer is None or not customer["Active"]:
+        raise invalid_reference("Customer", customer_id)
+    for element in ("DocNumber", "PrivateNote"):
+        _check_length(element, payload.get(element))
+    currency = _ref(payload, "CurrencyRef") or customer["CurrencyRef"]["value"]
+    if currency != customer["CurrencyRef"]["value"]:
+        raise business(
+            f"The transaction currency ({currency}) must match the customer's currency "
+            f"({customer['CurrencyRef']['value']})."
+        )
+    number = payload.get("DocNumber")
+    if number and not app.duplicate_doc_numbers:
+        for other in table.values():
+            if other.get("DocNumber") == number:
+                raise validation(
+                    "6140",
+                    "Duplicate Document Number Error",
+                    "Duplicate Document Number Error : You must specify a different number. "
+                    f"This number has already been used. DocNumber={number} is assigned to "
+                    f"TxnType={kind} with TxnId={other['Id']}",
+                )
+    lines = payload.get("Line") or []
+    if not lines:
+        raise missing("Line")
+    stored_lines, total = [], Decimal(0)
+    for n, line in enumerate(lines, start=1):
+        stored, amount = _sales_line(company, line, f"Line[{n}]")
+        stored.setdefault("Id", str(n))
+        stored.setdefault("LineNum", n)
+        stored_lines.append(stored)
+        total += amount
+    return _SalesDocument(customer_id, customer, currency, number, stored_lines, total)
+
+
 def void_invoice(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
     """``POST /invoice?operation=void`` with ``{"Id", "SyncToken"}``.
 
@@ -625,46 +684,20 @@ def create_credit_memo(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
     """``POST /creditmemo``: sales lines as an invoice's, checked the same way."""
     company = app.company(req)
     payload = _schema("CreditMemo", req.params)
-    customer_id = _ref(payload, "CustomerRef")
-    if customer_id is None:
-        raise missing("CustomerRef")
-    customer = company.customers.get(customer_id)
-    if customer is None or not customer["Active"]:
-        raise invalid_reference("Customer", customer_id)
-    for element in ("DocNumber", "PrivateNote"):
-        _check_length(element, payload.get(element))
-    currency = _ref(payload, "CurrencyRef") or customer["CurrencyRef"]["value"]
-    if currency != customer["CurrencyRef"]["value"]:
-        raise business(
-            f"The transaction currency ({currency}) must match the customer's currency "
-            f"({customer['CurrencyRef']['value']})."
-        )
-    number = payload.get("DocNumber")
-    if number and not app.duplicate_doc_numbers:
-        for other in company.credit_memos.values():
-            if other.get("DocNumber") == number:
-                raise validation(
-                    "6140",
-                    "Duplicate Document Number Error",
-                    "Duplicate Document Number Error : You must specify a different number. "
-                    f"This number has already been used. DocNumber={number} is assigned to "
-                    f"TxnType=CreditMemo with TxnId={other['Id']}",
-                )
-    lines = payload.get("Line") or []
-    if not lines:
-        raise missing("Line")
-    stored_lines, total = [], Decimal(0)
-    for n, line in enumerate(lines, start=1):
-        stored, amount = _sales_line(company, line, f"Line[{n}]")
-        stored.setdefault("Id", str(n))
-        stored.setdefault("LineNum", n)
-        stored_lines.append(stored)
-        total += amount
+    doc = _sales_document(app, company, payload, "CreditMemo", company.credit_memos)
+    customer_id, customer, currency, number, total = (
+        doc.customer_id,
+        doc.customer,
+        doc.currency,
+        doc.number,
+        doc.total,
+    )
     if total <= 0:
         raise business("[kiki fake] A credit memo must total more than zero.")
-    stored_lines.append(
-        {"Amount": total, "DetailType": "SubTotalLineDetail", "SubTotalLineDetail": {}}
-    )
+    stored_lines = [
+        *doc.lines,
+        {"Amount": total, "DetailType": "SubTotalLineDetail", "SubTotalLineDetail": {}},
+    ]
     memo_id = company.new_id()
     today = datetime.fromtimestamp(app.clock(), UTC).astimezone(PACIFIC).date().isoformat()
     memo: JSON = {
@@ -768,42 +801,15 @@ def create_invoice(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
         return void_invoice(app, req)
     company = app.company(req)
     payload = _schema("Invoice", req.params)
-    customer_id = _ref(payload, "CustomerRef")
-    if customer_id is None:
-        raise missing("CustomerRef")
-    customer = company.customers.get(customer_id)
-    if customer is None or not customer["Active"]:
-        raise invalid_reference("Customer", customer_id)
-    for element in ("DocNumber", "PrivateNote"):
-        _check_length(element, payload.get(element))
-    _check_length("Address", (payload.get("BillEmail") or {}).get("Address"))
-    currency = _ref(payload, "CurrencyRef") or customer["CurrencyRef"]["value"]
-    if currency != customer["CurrencyRef"]["value"]:
-        raise business(
-            f"The transaction currency ({currency}) must match the customer's currency "
-            f"({customer['CurrencyRef']['value']})."
-        )
-    number = payload.get("DocNumber")
-    if number and not app.duplicate_doc_numbers:
-        for other in company.invoices.values():
-            if other.get("DocNumber") == number:
-                raise validation(
-                    "6140",
-                    "Duplicate Document Number Error",
-                    "Duplicate Document Number Error : You must specify a different number. "
-                    f"This number has already been used. DocNumber={number} is assigned to "
-                    f"TxnType=Invoice with TxnId={other['Id']}",
-                )
-    lines = payload.get("Line") or []
-    if not lines:
-        raise missing("Line")
-    stored_lines, total = [], Decimal(0)
-    for n, line in enumerate(lines, start=1):
-        stored, amount = _sales_line(company, line, f"Line[{n}]")
-        stored.setdefault("Id", str(n))
-        stored.setdefault("LineNum", n)
-        stored_lines.append(stored)
-        total += amount
+    doc = _sales_document(app, company, payload, "Invoice", company.invoices)
+    customer_id, customer, currency, number, total = (
+        doc.customer_id,
+        doc.customer,
+        doc.currency,
+        doc.number,
+        doc.total,
+    )
+    stored_lines = list(doc.lines)
     if "TotalAmt" in payload and Decimal(payload["TotalAmt"]) != total:
         raise business(f"TotalAmt {payload['TotalAmt']} is not the sum of the lines ({total}).")
     stored_lines.append(
