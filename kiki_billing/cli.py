@@ -183,16 +183,31 @@ def push(
             "--no-wait", help="With --executor celery: queue the deliveries and return at once."
         ),
     ] = False,
+    amend: Annotated[
+        bool,
+        typer.Option(
+            "--amend",
+            help="Issue a new revision of every invoice whose recomputed content differs from "
+            "the one issued: void it (unpaid) or credit it (paid) wherever it went, then push "
+            "the revision. Shows the differences and asks first.",
+        ),
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="With --amend: do not ask (for scripts).")
+    ] = False,
 ) -> None:
     """Compute the period's invoices and deliver each to its client's targets.
 
     Exits 0 only when every delivery is delivered; 1 when any failed, was deferred or is held
-    by another process; 2 for bad input or configuration (nothing sent). With ``--no-wait``,
-    0 once every delivery is recorded and queued.
+    by another process, or an issued invoice changed (run with --amend); 2 for bad input or
+    configuration (nothing sent). With ``--no-wait``, 0 once every delivery is recorded and
+    queued.
     """
     from kiki_billing.cli_delivery import run_push
 
     run_push(
+        amend=amend,
+        yes=yes,
         period=period,
         contracts=contracts,
         metrics=metrics,
@@ -307,6 +322,25 @@ def show(
     from kiki_billing.cli_delivery import run_show
 
     run_show(invoice=invoice, json_output=json_output)
+
+
+@app.command()
+@reports_errors
+def reconcile(
+    period: Annotated[str | None, typer.Option("--period", help="Only this month.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="Only this target.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Check each billing system against the ledger, invoice by invoice (read-only).
+
+    Every delivered invoice exists there exactly once, with the same amount, currency and
+    status, and no object carrying our numbers is unknown to the ledger.
+
+    Exits 0 when everything matches, 1 on any drift, 2 for bad input or settings.
+    """
+    from kiki_billing.cli_reconcile import run_reconcile
+
+    run_reconcile(period=period, target=target, json_output=json_output)
 
 
 @app.command()

@@ -98,9 +98,54 @@ def compute_from_options(
 
 
 def run_compute(*, out: Path, json_output: bool, **options: object) -> None:
-    """``kiki-billing compute``."""
+    """``kiki-billing compute``: read against the ledger, if there is one (only read).
+
+    Fees carried forward are billed as ``push`` bills them, and an invoice issued before carries
+    the revision it is: the one issued when nothing changed, the next one when it did (what
+    ``push --amend`` would issue).
+    """
     computed = compute_from_options(**options)  # type: ignore[arg-type]
-    write_and_show(computed, out, json_output)
+    write_and_show(with_ledger(computed), out, json_output)
+
+
+def with_ledger(computed: ComputedPeriod) -> ComputedPeriod:
+    """The run with the ledger's carried fees and revisions (the ledger only read)."""
+    import dataclasses
+
+    import sqlalchemy
+
+    from kiki_billing.errors import ConfigurationError
+    from kiki_billing.hub.ledger import Ledger
+    from kiki_billing.hub.revisions import plan_revisions
+    from kiki_billing.hub.settings import load_hub_settings
+
+    try:
+        settings = load_hub_settings()
+        if settings.ledger_url is None and not (settings.data_dir / "ledger.sqlite3").exists():
+            return computed
+        ledger = Ledger(settings.ledger_location(), lease_seconds=settings.lease_seconds)
+    except (ConfigurationError, sqlalchemy.exc.SQLAlchemyError, OSError, RuntimeError) as exc:
+        reason = exc if isinstance(exc, ConfigurationError) else type(exc).__name__
+        warn(f"the ledger was not read ({reason}): carried fees and revisions are not shown")
+        return computed
+    try:
+        if computed.carries_forward():
+            computed = computed.with_carried(ledger.carried_into(computed.run.period.label))
+        revisions = plan_revisions(computed.run.invoices, ledger)
+    finally:
+        ledger.close()
+    if not revisions.amendments and all(i.revision == 0 for i in revisions.current):
+        return computed
+    labelled = {inv.number: inv for inv in revisions.current}
+    for amendment in revisions.amendments:
+        labelled[amendment.revised.number] = amendment.revised
+        warn(
+            f"{amendment.revised.number} changed since revision {amendment.issued.revision} "
+            f"was issued: this is revision {amendment.revised.revision} "
+            f"({amendment.revised.document_number}); `push --amend` issues it"
+        )
+    invoices = tuple(labelled[inv.number] for inv in computed.run.invoices)
+    return dataclasses.replace(computed, run=dataclasses.replace(computed.run, invoices=invoices))
 
 
 def run_demo(*, out: Path, json_output: bool) -> None:
@@ -148,7 +193,10 @@ def show_run(run: BillingRun) -> None:
             money(inv.total_fee, cur),
         )
     for nb in run.not_billed:
-        table.add_row(nb.client_id, f"not billed ({nb.reason})", "0", "", "", "", "")
+        shown = f"not billed ({nb.reason})"
+        if nb.carried_fee is not None:
+            shown = f"carried forward: {money(nb.carried_fee, nb.currency)} {nb.currency}"
+        table.add_row(nb.client_id, shown, "0", "", "", "", "")
     for totals in run.summary.by_currency:
         cur = totals.currency
         table.add_section()

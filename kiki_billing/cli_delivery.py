@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,11 +18,13 @@ import typer
 from kiki_billing.cli_compute import compute_from_options, money, parse_period, plain
 from kiki_billing.cli_support import console, err_console, warn
 from kiki_billing.errors import ConfigurationError, InputError
+from kiki_billing.models import revision_number
 from kiki_billing.money import format_money
 
 if TYPE_CHECKING:
     from kiki_billing.hub.ledger import DeliveryRecord, Ledger
     from kiki_billing.hub.plan import Delivery, Plan
+    from kiki_billing.hub.revisions import Amendment
     from kiki_billing.hub.runner import DeliveryOutcome, Preview
     from kiki_billing.hub.settings import HubSettings
     from kiki_billing.models import Invoice
@@ -119,17 +122,22 @@ def run_push(
     no_progress: bool,
     executor: str = "local",
     wait: bool = True,
+    amend: bool = False,
+    yes: bool = False,
     **options: Any,
 ) -> None:
-    """``kiki-billing push``."""
+    """``kiki-billing push`` (``--amend``: issue new revisions of changed invoices)."""
     from kiki_billing.hub.plan import plan_deliveries
     from kiki_billing.hub.registry import create_adapter, known_adapter_names
+    from kiki_billing.hub.revisions import as_revision, plan_revisions
     from kiki_billing.hub.settings import load_hub_settings
 
     if executor not in ("local", "celery"):
         raise InputError("unknown executor (local or celery)", field="--executor")
     if not wait and executor != "celery":
         raise InputError("--no-wait needs --executor celery", field="--no-wait")
+    if yes and not amend:
+        raise InputError("--yes confirms --amend; use them together", field="--yes")
     settings = load_hub_settings()
     if executor == "celery" and not dry_run:
         from kiki_billing.hub.celery_executor import check_distributed
@@ -137,19 +145,33 @@ def run_push(
         check_distributed(settings)
     computed = compute_from_options(**options)
     _check_targets(computed.run.invoices, computed.contracts, skip_untargeted, client)
-    for nb in computed.run.not_billed:
-        if not quiet:
-            err_console().print(
-                f"{nb.client_id}: not billed ({nb.reason}); nothing to push", markup=False
-            )
     with (
         open_ledger(settings, must_exist=dry_run) as found,
         _ledger_or_scratch(found) as ledger,
     ):
+        if computed.carries_forward():
+            computed = computed.with_carried(ledger.carried_into(computed.run.period.label))
+            _check_targets(computed.run.invoices, computed.contracts, skip_untargeted, client)
+        for nb in computed.run.not_billed:
+            if not quiet:
+                err_console().print(f"{nb.client_id}: {not_billed_text(nb)}", markup=False)
         if computed.undated_source is not None:
             _check_undated_source(ledger, computed.undated_source, computed, record=not dry_run)
+        if computed.carries_forward() and not dry_run:
+            _record_carried(ledger, computed, client)
+        revisions = plan_revisions(computed.run.invoices, ledger)
+        invoices = list(revisions.current)
+        amendments = [
+            a for a in revisions.amendments if client is None or a.revised.client_id == client
+        ]
+        if amend:
+            invoices.extend(a.revised for a in amendments)
+        else:
+            # Pushed under the revision issued: the ledger refuses the other content and the
+            # outcome says to amend.
+            invoices.extend(as_revision(a.revised, a.issued.revision) for a in revisions.amendments)
         plan = plan_deliveries(
-            computed.run.invoices,
+            invoices,
             computed.contracts,
             lambda name: create_adapter(name, _credentials_factory(ledger)),
             known_targets=known_adapter_names(),
@@ -157,6 +179,16 @@ def run_push(
             client=client,
         )
         try:
+            if amend:
+                if not amendments:
+                    console().print(
+                        "Nothing to amend: every invoice matches the revision issued.",
+                        markup=False,
+                    )
+                else:
+                    show_amendments(ledger, amendments, plan)
+                    if not dry_run:
+                        _confirm_amendments(amendments, yes)
             if dry_run:
                 _dry_run(ledger, plan, settings)
                 return
@@ -170,6 +202,111 @@ def run_push(
             _drive(ledger, plan, settings, display, False)
         finally:
             plan.close()
+
+
+def not_billed_text(nb: Any) -> str:
+    """Why a client of the run gets no invoice, in one line."""
+    if nb.reason == "carried_forward":
+        fee = format_money(nb.carried_fee, nb.currency)
+        below = format_money(nb.carried_below, nb.currency)
+        return (
+            f"not billed (carried_forward: {fee} {nb.currency}, the total being below "
+            f"{below}); carried to the next period's invoice"
+        )
+    return f"not billed ({nb.reason}); nothing to push"
+
+
+def _record_carried(ledger: Ledger, computed: Any, client: str | None) -> None:
+    """Keep the fees carried forward, and check that no invoiced period was carried already.
+
+    Raises:
+        InputError: A period's fee was carried and billed on a later invoice already.
+    """
+    from kiki_billing.hub.ledger import InvoiceConflictError
+
+    period = computed.run.period.label
+    try:
+        for nb in computed.run.not_billed:
+            if nb.reason == "carried_forward" and (client is None or nb.client_id == client):
+                ledger.record_carried(nb.client_id, period, nb.currency, nb.carried_fee)
+        for inv in computed.run.invoices:
+            if client is None or inv.client_id == client:
+                ledger.check_not_carried(inv.client_id, period)
+    except InvoiceConflictError as exc:
+        raise InputError(str(exc), field="carry_forward_below") from None
+
+
+def _confirm_amendments(amendments: Sequence[Amendment], yes: bool) -> None:
+    """Ask before issuing revisions (``--yes`` answers for scripts); exit 1 on no."""
+    if yes:
+        return
+    count = len(amendments)
+    question = f"Issue {count} new revision{'s' if count != 1 else ''} as shown above?"
+    try:
+        confirmed = typer.confirm(question, default=False, err=True)
+    except typer.Abort:
+        confirmed = False
+    if not confirmed:
+        err_console().print("Not confirmed: nothing was sent (pass --yes in scripts).")
+        raise typer.Exit(1)
+
+
+def show_amendments(ledger: Ledger, amendments: Sequence[Amendment], plan: Plan) -> None:
+    """Print each amendment: total, lines and fields that changed, and what happens where."""
+    from rich.table import Table
+
+    out = console()
+    for a in amendments:
+        old, new = a.issued, a.revised
+        cur = new.currency
+        sign = "+" if a.difference > 0 else ""
+        out.print(
+            f"{new.number} ({plain(new.client_id).plain}): revision {old.revision} -> "
+            f"{new.revision} ({new.document_number}): total {money(old.total_fee, old.currency)}"
+            f" -> {money(new.total_fee, cur)} {cur} ({sign}{money(a.difference, cur)})",
+            markup=False,
+        )
+        if a.lines:
+            table = Table(show_edge=False)
+            for column in ("Line", "Change", "Before", "After", "Difference"):
+                left = column in ("Line", "Change")
+                table.add_column(column, justify="left" if left else "right")
+            zero = Decimal(0)
+            for change in a.lines:
+                table.add_row(
+                    plain(change.description),
+                    change.kind,
+                    "" if change.before is None else money(change.before, cur),
+                    "" if change.after is None else money(change.after, cur),
+                    money((change.after or zero) - (change.before or zero), cur),
+                )
+            table.add_section()
+            table.add_row(
+                "Total",
+                "",
+                money(old.total_fee, old.currency),
+                money(new.total_fee, cur),
+                money(a.difference, cur),
+            )
+            out.print(table)
+        for name, was, now in a.header:
+            out.print(f"  {name}: {was} -> {now}", markup=False)
+        reached = [
+            r for r in ledger.deliveries(invoice_number=new.number) if r.revision < new.revision
+        ]
+        planned = {(d.target, d.account) for d in plan.deliveries if d.invoice is new}
+        for record in reached:
+            where = (record.target, record.account)
+            fate = (
+                "voided if unpaid, credited in full if paid, before the revision is pushed"
+                if where in planned
+                else "NOT corrected: no longer a target of this client or account"
+            )
+            out.print(
+                f"  {record.target} (account {record.account}) holds revision "
+                f"{record.revision} ({record.state.value}): {fate}",
+                markup=False,
+            )
 
 
 @contextlib.contextmanager
@@ -277,6 +414,15 @@ def run_retry(
             target=target,
             client_id=client,
         )
+        latest = ledger.latest_revisions(r.invoice_number for r in records)
+        for record in records:
+            newest = latest.get(record.invoice_number, record.revision)
+            if record.revision < newest:
+                warn(
+                    f"{record.invoice_number} revision {record.revision} to {record.target}: not "
+                    f"retried, superseded by revision {newest} (whose delivery corrects it)"
+                )
+        records = [r for r in records if r.revision >= latest.get(r.invoice_number, r.revision)]
         if not records:
             console().print("Nothing to retry.")
             return
@@ -365,7 +511,7 @@ def show_outcomes(outcomes: list[DeliveryOutcome], *, quiet: bool = False) -> No
         for outcome in outcomes:
             table.add_row(
                 plain(outcome.client_id),
-                outcome.invoice_number,
+                revision_number(outcome.invoice_number, outcome.revision),
                 outcome.target,
                 plain(outcome.account),
                 outcome.state.value,
@@ -377,7 +523,8 @@ def show_outcomes(outcomes: list[DeliveryOutcome], *, quiet: bool = False) -> No
         if not outcome.ok:
             # In full, on one line: a table cell truncates, and scripts grep for the reason.
             err_console().print(
-                f"{outcome.invoice_number} {outcome.target}: {outcome.state.value}: "
+                f"{revision_number(outcome.invoice_number, outcome.revision)} "
+                f"{outcome.target}: {outcome.state.value}: "
                 f"{outcome.error or outcome.note or ''}",
                 markup=False,
                 soft_wrap=True,
@@ -488,12 +635,23 @@ def run_status(
             )
         )
         payments = _payment_views(ledger, records) if ledger is not None else {}
+        latest = (
+            {} if ledger is None else ledger.latest_revisions(r.invoice_number for r in records)
+        )
     now = time.time()
     stuck = {r.id for r in records if _stuck(r, now)}
+    superseded = {
+        r.id: latest[r.invoice_number]
+        for r in records
+        if r.revision < latest.get(r.invoice_number, r.revision)
+    }
     if json_output:
         print(
             json.dumps(
-                [_record_data(r, r.id in stuck) | payments[r.id].data() for r in records],
+                [
+                    _record_data(r, r.id in stuck, superseded.get(r.id)) | payments[r.id].data()
+                    for r in records
+                ],
                 indent=2,
             )
         )
@@ -519,7 +677,9 @@ def run_status(
                 plain(r.client_id),
                 r.target,
                 plain(r.account),
-                r.state.value + (" (stuck: holder gone)" if r.id in stuck else ""),
+                r.state.value
+                + (" (stuck: holder gone)" if r.id in stuck else "")
+                + (f" (superseded by r{superseded[r.id]})" if r.id in superseded else ""),
                 payments[r.id].text(),
                 str(r.attempts),
                 plain(_refs(r.refs)),
@@ -531,10 +691,12 @@ def run_status(
             ", ".join(f"{n} {s}" for s, n in sorted(tally.items())) or "no deliveries recorded",
             markup=False,
         )
+    # A superseded revision is settled by its successor's delivery (which corrects it).
     unsettled = [
         r
         for r in records
-        if r.state in (DeliveryState.FAILED, DeliveryState.DEFERRED) or r.id in stuck
+        if (r.state in (DeliveryState.FAILED, DeliveryState.DEFERRED) or r.id in stuck)
+        and r.id not in superseded
     ]
     if unsettled:
         raise typer.Exit(1)
@@ -588,6 +750,7 @@ def _payment_views(ledger: Ledger, records: Sequence[DeliveryRecord]) -> dict[in
 
     payments = payment_records(ledger, [r.id for r in records])
     terms = invoice_terms(ledger) if records else {}
+    tracked = {name: _tracks_payments(name) for name in {r.target for r in records}}
     now = datetime.now(UTC)
     views = {}
     for r in records:
@@ -596,7 +759,8 @@ def _payment_views(ledger: Ledger, records: Sequence[DeliveryRecord]) -> dict[in
             terms[key] = (ledger.load_invoice(*key).due_date, DEFAULT_TIMEZONE)
         due, zone = terms[key]
         payment = payments.get(r.id)
-        delivered = r.state is DeliveryState.DELIVERED
+        # A file target has no payment state: its deliveries show "-", never overdue.
+        delivered = r.state is DeliveryState.DELIVERED and tracked[r.target]
         views[r.id] = PaymentView(
             delivered=delivered,
             state=payment.state.value if payment else None,
@@ -613,10 +777,23 @@ def _payment_views(ledger: Ledger, records: Sequence[DeliveryRecord]) -> dict[in
     return views
 
 
-def _record_data(r: DeliveryRecord, stuck: bool) -> dict[str, Any]:
+def _tracks_payments(target: str) -> bool:
+    """Whether the target's billing system records payments (assumed when it cannot load)."""
+    from kiki_billing.hub.registry import load_adapter_class
+
+    try:
+        return load_adapter_class(target).tracks_payments
+    except ConfigurationError:
+        return True
+
+
+def _record_data(
+    r: DeliveryRecord, stuck: bool, superseded_by: int | None = None
+) -> dict[str, Any]:
     return {
         "invoice": r.invoice_number,
         "revision": r.revision,
+        "superseded_by": superseded_by,
         "client_id": r.client_id,
         "period": r.period,
         "target": r.target,

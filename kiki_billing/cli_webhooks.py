@@ -170,7 +170,8 @@ def run_sync_status(*, period: str | None, target: str | None, json_output: bool
         readable = [
             n
             for n in names
-            if load_adapter_class(n).remote_invoices is not BillingAdapter.remote_invoices
+            if load_adapter_class(n).tracks_payments
+            and load_adapter_class(n).remote_invoices is not BillingAdapter.remote_invoices
         ]
         unreadable = [n for n in names if n not in readable]
         if ledger is not None and readable:

@@ -45,6 +45,7 @@ DEFAULT_KEYS = frozenset(
         "rounding",
         "minimum_fee",
         "fee_cap",
+        "carry_forward_below",
         "timezone",
     }
 )

@@ -23,7 +23,10 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -32,6 +35,22 @@ from kiki_billing.money import Rounding, currency_exponent, parse_amount
 
 CALCULATOR_VERSION = "profit-share/1"
 MAX_BASELINE_ROAS = Decimal(1_000_000)
+MAX_REVISION = 99
+"""Revisions an invoice number may have (``-R1`` to ``-R99``)."""
+
+# NOTE: Stripe's minimum charge per currency ("Minimum and maximum charge amounts",
+# stripe.com/docs/currencies#minimum-and-maximum-charge-amounts); a charge below it fails, so a
+# contract may carry such a fee forward instead (carry_forward_below = "stripe").
+STRIPE_MINIMUM_CHARGE: dict[str, Decimal] = {
+    code: Decimal(amount)
+    for code, amount in {
+        "USD": "0.50", "AED": "2.00", "AUD": "0.50", "BGN": "1.00", "BRL": "0.50",
+        "CAD": "0.50", "CHF": "0.50", "CZK": "15.00", "DKK": "2.50", "EUR": "0.50",
+        "GBP": "0.30", "HKD": "4.00", "HUF": "175.00", "INR": "0.50", "JPY": "50",
+        "MXN": "10.00", "MYR": "2.00", "NOK": "3.00", "NZD": "0.50", "PLN": "2.00",
+        "RON": "2.00", "SEK": "3.00", "SGD": "0.50", "THB": "10.00",
+    }.items()
+}  # fmt: skip
 
 
 def _strict_decimal(value: object) -> Decimal:
@@ -148,6 +167,9 @@ class Contract(Frozen):
     rounding: Rounding = Rounding.HALF_UP
     minimum_fee: Amount | None = None
     fee_cap: Amount | None = None
+    carry_forward_below: Amount | Literal["stripe"] | None = None
+    """A fee total below this (or below Stripe's minimum charge for the currency, with
+    ``"stripe"``) is not issued but carried to the next period's invoice."""
     timezone: str = "UTC"
     invoice_sequence: int | None = Field(default=None, ge=1, le=999_999)
     targets: tuple[str, ...] = ()
@@ -208,6 +230,32 @@ class Contract(Frozen):
         ):
             raise ValueError(f"minimum_fee {self.minimum_fee} exceeds fee_cap {self.fee_cap}")
         return self
+
+    @field_validator("carry_forward_below")
+    @classmethod
+    def _check_carry_forward(
+        cls, below: Decimal | str | None, info: ValidationInfo
+    ) -> Decimal | str | None:
+        currency = str(info.data.get("currency") or "USD")
+        if below == "stripe" and currency not in STRIPE_MINIMUM_CHARGE:
+            raise ValueError(
+                f"Stripe publishes no minimum charge for {currency}; give the amount instead "
+                '(e.g. "0.50")'
+            )
+        if isinstance(below, Decimal):
+            if below <= 0:
+                raise ValueError(f"must be more than 0, got {below}")
+            exponent = currency_exponent(currency)
+            if below != below.quantize(Decimal(1).scaleb(-exponent)):
+                raise ValueError(f"{below} has more decimals than {currency} has")
+        return below
+
+    def carry_threshold(self) -> Decimal | None:
+        """The total below which a fee is carried forward, or ``None``."""
+        below = self.carry_forward_below
+        if below == "stripe":
+            return STRIPE_MINIMUM_CHARGE[self.currency]
+        return below
 
 
 class CampaignMetrics(Frozen):
@@ -279,6 +327,8 @@ class LineKind(StrEnum):
     CAMPAIGN = "campaign"
     MINIMUM_FEE = "minimum_fee_adjustment"
     FEE_CAP = "fee_cap_adjustment"
+    CARRIED_FORWARD = "carried_forward"
+    """A fee of an earlier period that was below ``carry_forward_below`` and not issued."""
 
 
 class InvoiceLine(Frozen):
@@ -300,13 +350,24 @@ class InvoiceLine(Frozen):
     share_rate: Computed
     fee: Computed
     accuracy: Computed | None = None
+    carried_from: str | None = None
+    """The period (``YYYY-MM``) a carried-forward line's fee was computed for."""
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A line that carries nothing forward serialises as before this field existed, so
+        # every invoice issued earlier keeps its billing hash.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("carried_from") is None:
+            data.pop("carried_from", None)
+        return data
 
 
 class Invoice(Frozen):
     """One profit-share invoice per client and period, immutable once issued."""
 
     number: str
-    revision: int = 0
+    revision: int = Field(default=0, ge=0, le=MAX_REVISION)
     client_id: str
     client_name: str
     client_email: str | None = None
@@ -328,6 +389,16 @@ class Invoice(Frozen):
     proof: ProofOfValue
     content_hash: str = ""
     """:meth:`billing_hash` at issue: identifies what is billed, not where it was read from."""
+
+    @property
+    def document_number(self) -> str:
+        """The number the revision is issued under: the base, then ``-R<n>`` from revision 1.
+
+        ``KIKI-OaaS-202601-000042`` is revision 0; its corrections are
+        ``KIKI-OaaS-202601-000042-R1``, ``-R2``, ... Every target that shows a number of its own
+        uses this form (or the shortest form the provider allows, see the adapters).
+        """
+        return revision_number(self.number, self.revision)
 
     def canonical_json(self, *, indent: int | None = None) -> str:
         """The invoice as canonical JSON: sorted keys, decimal strings, UTF-8."""
@@ -359,11 +430,24 @@ class NotBilled(Frozen):
     """A client of the run that gets no invoice, and why (recorded, never pushed)."""
 
     client_id: str
-    reason: Literal["zero_fee", "no_metrics"]
+    reason: Literal["zero_fee", "no_metrics", "carried_forward"]
     currency: str
     total_spend: Computed
     total_ltv: Computed
     total_margin_recovered: Computed
+    carried_fee: Computed | None = None
+    """``carried_forward``: the period's own fee, carried to the next period's invoice."""
+    carried_below: Computed | None = None
+    """``carried_forward``: the contract's threshold (``carry_forward_below``)."""
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in ("carried_fee", "carried_below"):
+                if data.get(key) is None:
+                    data.pop(key, None)
+        return data
 
 
 class CurrencyTotals(Frozen):
@@ -391,6 +475,11 @@ class RunSummary(Frozen):
     not_billed: tuple[NotBilled, ...]
     by_currency: tuple[CurrencyTotals, ...]
     sources: tuple[SourceEvidence, ...]
+
+
+def revision_number(number: str, revision: int) -> str:
+    """``number`` for revision 0, ``number-R<revision>`` after (see ``Invoice.document_number``)."""
+    return number if revision == 0 else f"{number}-R{revision}"
 
 
 def canonical_json(data: Any, *, indent: int | None = None) -> str:

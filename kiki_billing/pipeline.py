@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Literal
@@ -12,7 +13,7 @@ from kiki_billing.errors import InputError
 from kiki_billing.exports.csv_formats import render_quickbooks_csv, render_xero_csv
 from kiki_billing.exports.json_export import invoice_document, summary_document
 from kiki_billing.models import BillingPeriod, Invoice
-from kiki_billing.profit_share import BillingRun, compute_run
+from kiki_billing.profit_share import BillingRun, CarriedFee, compute_run
 from kiki_billing.sources.base import MetricsSet, PeriodWindow
 
 
@@ -53,6 +54,29 @@ class ComputedPeriod:
     run: BillingRun
     warnings: tuple[str, ...] = ()
     undated_source: str | None = None
+    metrics: MetricsSet | None = None
+    """What the source read (to price the run again with fees carried forward)."""
+    issue_date: date | None = None
+    contracts_path: Path | None = None
+
+    def carries_forward(self) -> bool:
+        """Whether any contract sets ``carry_forward_below``."""
+        return any(c.carry_forward_below is not None for c in self.contracts.contracts)
+
+    def with_carried(self, carried: Mapping[str, Sequence[CarriedFee]]) -> ComputedPeriod:
+        """The run priced again with earlier periods' fees carried forward (pure, no I/O)."""
+        if not carried or self.metrics is None:
+            return self
+        run = compute_run(
+            self.contracts.contracts,
+            self.metrics.metrics,
+            self.run.period,
+            [self.metrics.evidence],
+            contracts_file=str(self.contracts_path or self.contracts.path),
+            issue_date=self.issue_date,
+            carried=carried,
+        )
+        return replace(self, run=run)
 
 
 def check_period(
@@ -148,13 +172,19 @@ def compute_period(
         issue_date=issue_date,
     )
     return ComputedPeriod(
-        contracts=contracts, run=run, warnings=tuple(warnings), undated_source=undated
+        contracts=contracts,
+        run=run,
+        warnings=tuple(warnings),
+        undated_source=undated,
+        metrics=metrics,
+        issue_date=issue_date,
+        contracts_path=contracts_path,
     )
 
 
 def invoice_file_name(invoice: Invoice) -> str:
     """Where an invoice's canonical JSON goes under the output folder."""
-    return f"invoices/{invoice.number}.json"
+    return f"invoices/{invoice.document_number}.json"
 
 
 def render_run_files(run: BillingRun, exports: ExportSettings) -> dict[str, str]:

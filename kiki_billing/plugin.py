@@ -57,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kiki_billing.errors import ConfigurationError, InputError
-from kiki_billing.models import Invoice, InvoiceLine, LineKind
+from kiki_billing.models import Invoice, InvoiceLine, LineKind, revision_number
 from kiki_billing.money import MONEY_CONTEXT, currency_exponent, format_money, to_minor_units
 
 __all__ = [
@@ -67,6 +67,8 @@ __all__ = [
     "BillingAdapter",
     "ClientSettings",
     "ConfigurationError",
+    "Correction",
+    "CorrectionAction",
     "CredentialStore",
     "CredentialsExpired",
     "DeliveryError",
@@ -92,11 +94,13 @@ __all__ = [
     "WebhookRejected",
     "WebhookSource",
     "classify_http_status",
+    "credit_note_number",
     "currency_exponent",
     "format_money",
     "hmac_sha256_matches",
     "parse_rate_limit",
     "parse_retry_after",
+    "revision_number",
     "scrub_secrets",
     "secret_forms",
     "to_minor_units",
@@ -652,6 +656,69 @@ class WebhookSource(Protocol):
 
 
 # --------------------------------------------------------------------------------------------
+# Corrections: a superseded revision voided or credited before its successor is pushed
+# --------------------------------------------------------------------------------------------
+
+
+class CorrectionAction(StrEnum):
+    """What the hub does upstream with a revision that a newer one supersedes."""
+
+    VOID = "void"
+    """Nothing was paid: void it (cancel it, delete a draft) so nothing of it is owed."""
+    CREDIT = "credit"
+    """Something was paid: a credit note for its whole total, set against what is still due;
+    what was paid stays with the customer as a credit balance (never a negative invoice)."""
+    NONE = "none"
+    """Nothing to do: it never reached the provider, is gone, or is void already."""
+
+
+@dataclass(frozen=True)
+class Correction:
+    """One superseded revision at one target, and what the hub decided to do with it.
+
+    The hub decides from the provider's own view (:meth:`BillingAdapter.remote_invoices`),
+    read again on every run until the correction's steps are done; the steps'
+    natural-key look-ups then find what an earlier run did, so a kill at any instant and a
+    re-run give exactly one void or credit.
+
+    Attributes:
+        action: Void, credit, or nothing.
+        invoice: The superseded revision, as the ledger recorded it.
+        replacement: The revision that supersedes it (the delivery being pushed).
+        remote: The superseded revision as the provider holds it (``None`` for ``NONE``).
+        refs: The ids recorded for the superseded revision's delivery at this target, and the
+            provider's ids of the object found (``remote.refs``).
+    """
+
+    action: CorrectionAction
+    invoice: Invoice
+    replacement: Invoice
+    remote: RemoteInvoice | None
+    refs: Mapping[str, str]
+
+    @property
+    def credit_total(self) -> Decimal:
+        """What a credit note credits: the whole total the provider billed."""
+        return self.remote.total if self.remote is not None else self.invoice.total_fee
+
+    @property
+    def still_due(self) -> Decimal:
+        """What the customer still owes on the superseded revision (total less paid)."""
+        if self.remote is None:
+            return Decimal(0)
+        return max(self.remote.total - self.remote.amount_paid, Decimal(0))
+
+
+def credit_note_number(invoice: Invoice) -> str:
+    """The number of the credit note that corrects ``invoice``: its number and ``-CN``.
+
+    ``KIKI-OaaS-202601-000042-CN`` credits revision 0, ``KIKI-OaaS-202601-000042-R1-CN``
+    revision 1. A revision is credited at most once, so the number is the natural key.
+    """
+    return f"{invoice.document_number}-CN"
+
+
+# --------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------
 
@@ -768,6 +835,9 @@ class BillingAdapter(ABC, Generic[SettingsT, ClientT]):
     client_refs: ClassVar[tuple[str, ...]] = ()
     """Ids that belong to the client, not the invoice (``customer_id``): reused next period."""
     default_rate_limit: ClassVar[RateLimit] = RateLimit((RateWindow(10, 1.0),), concurrency=4)
+    tracks_payments: ClassVar[bool] = True
+    """The billing system records payments, so the states it reads back are payment states
+    (``sync-status``); a file target's read-back only says whether the file is there."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -827,13 +897,63 @@ class BillingAdapter(ABC, Generic[SettingsT, ClientT]):
         """Read-only: every object the provider holds for this invoice number and revision.
 
         One is expected; none means it is gone upstream; more than one is a duplicate. Used
-        to sync payment states and to reconcile. Makes as few requests as it can (``refs`` are
-        the ids the ledger recorded for the delivery).
+        to sync payment states, to decide a correction and to reconcile. Makes as few requests
+        as it can (``refs`` are the ids the ledger recorded for the delivery).
 
         Raises:
             NotImplementedError: The adapter cannot read its provider back.
         """
         raise NotImplementedError(f"adapter {self.name!r} cannot read invoices back")
+
+    def remote_period_invoices(self, period: str) -> list[RemoteInvoice]:
+        """Read-only: every object the provider holds that carries one of our numbers of a period.
+
+        What ``kiki-billing reconcile`` uses to find objects the ledger does not know (made
+        outside kiki-billing, or by a run whose ledger was lost). Each carries
+        ``kiki_number`` and ``kiki_revision`` where the provider keeps them.
+
+        Args:
+            period: ``YYYY-MM``.
+
+        Raises:
+            NotImplementedError: The adapter cannot list its provider's invoices.
+        """
+        raise NotImplementedError(f"adapter {self.name!r} cannot list invoices by period")
+
+    def recorded_payment_state(self, refs: Mapping[str, str]) -> PaymentState | None:
+        """The payment state the ids recorded at delivery show, or ``None`` when they show none.
+
+        E.g. Stripe's ``paid`` after collecting at once. ``reconcile`` compares the provider's
+        state with this (and with what payment syncs recorded).
+        """
+        return None
+
+    def correction_steps(self, correction: Correction, client: ClientT) -> Sequence[Step[ClientT]]:
+        """The writes that void or credit a superseded revision (:class:`Correction`).
+
+        Called for ``VOID`` and ``CREDIT`` only. The hub runs them before the new revision's
+        own steps, each with its own deterministic key, its look-up and the ledger, exactly
+        like :meth:`steps`; step names need only be unique among the correction's steps (the
+        hub prefixes them with the revision). ``ctx.invoice`` is the superseded revision and
+        ``ctx.refs`` starts from ``correction.refs``. Each step's look-up must find the void or
+        the credit by what it carries (the credit note's number, metadata or memo), whatever
+        run made it.
+
+        Raises:
+            NotImplementedError: The adapter cannot correct a revision it delivered.
+        """
+        raise NotImplementedError(f"adapter {self.name!r} cannot void or credit an invoice")
+
+    def settlement_steps(self, correction: Correction, client: ClientT) -> Sequence[Step[ClientT]]:
+        """Writes that set a credited revision's payment against the new revision, if any.
+
+        Run after the new revision's own steps, for ``CREDIT`` corrections only, like
+        :meth:`correction_steps` (keys, look-ups, the ledger; names prefixed by the hub), with
+        ``ctx.invoice`` the new revision and ``ctx.refs`` its ids. For a provider that keeps a
+        customer credit balance and applies it by itself (Stripe), or leaves it to the
+        bookkeeper (a credit note's remaining credit), there is nothing to do (the default).
+        """
+        return ()
 
     # What the hub owns -----------------------------------------------------------------------
 

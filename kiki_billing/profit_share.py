@@ -44,6 +44,21 @@ _RATIO_QUANTUM = Decimal("0.0001")
 
 
 @dataclass(frozen=True)
+class CarriedFee:
+    """A fee of an earlier period that was below ``carry_forward_below`` and not issued.
+
+    Attributes:
+        period: The period it was computed for (``YYYY-MM``).
+        currency: Its currency.
+        amount: The fee, in the currency's major unit (rounded as its lines were).
+    """
+
+    period: str
+    currency: str
+    amount: Decimal
+
+
+@dataclass(frozen=True)
 class BillingRun:
     """The result of computing one period: invoices, clients not billed, and the summary."""
 
@@ -171,6 +186,27 @@ def adjustment_line(line_no: int, kind: LineKind, fee: Decimal, contract: Contra
     )
 
 
+def carried_line(line_no: int, carried: CarriedFee, contract: Contract) -> InvoiceLine:
+    """A line that bills an earlier period's fee carried forward (no campaign figures)."""
+    zero = exact(_ZERO, contract.currency)
+    below = contract.carry_threshold()
+    why = f"below the {below} {contract.currency} minimum" if below is not None else "carried"
+    return InvoiceLine(
+        line_no=line_no,
+        kind=LineKind.CARRIED_FORWARD,
+        description=f"Profit share of {carried.period} carried forward ({why})",
+        spend=zero,
+        ltv=zero,
+        baseline_roas=contract.baseline_roas,
+        baseline_value=zero,
+        margin_recovered=zero,
+        billable_margin=zero,
+        share_rate=contract.share_rate,
+        fee=carried.amount,
+        carried_from=carried.period,
+    )
+
+
 def price_lines(contract: Contract, metrics: Sequence[CampaignMetrics]) -> list[InvoiceLine]:
     """All lines of a client's invoice: campaigns by id, then any min/cap adjustment."""
     ordered = sorted(metrics, key=lambda m: m.campaign_id)
@@ -202,6 +238,7 @@ def compute_invoice(
     period: BillingPeriod,
     sources: Sequence[SourceEvidence],
     issue_date: date | None = None,
+    carried: Sequence[CarriedFee] = (),
 ) -> Invoice | NotBilled:
     """Compute one client's invoice for ``period``, or why it is not billed.
 
@@ -212,6 +249,9 @@ def compute_invoice(
         period: The billing period.
         sources: Evidence of where the metrics came from.
         issue_date: Defaults to the first day after the period, so reruns agree.
+        carried: Earlier periods' fees carried forward to this invoice (each its own line,
+            after the period's own lines and adjustments; the minimum fee and the fee cap apply
+            to the period's own fees only).
 
     Returns:
         The sealed invoice, or a :class:`NotBilled` record when the fee is zero.
@@ -219,10 +259,29 @@ def compute_invoice(
     currency = contract.currency
     lines = price_lines(contract, metrics)
     campaign_lines = [line for line in lines if line.kind is LineKind.CAMPAIGN]
+    own_fee = sum((line.fee for line in lines), _ZERO)
+    for earlier in sorted(
+        (c for c in carried if c.currency == currency and c.amount > 0), key=lambda c: c.period
+    ):
+        lines.append(carried_line(len(lines) + 1, earlier, contract))
     total_fee = sum((line.fee for line in lines), _ZERO)
     total_spend = sum((line.spend for line in campaign_lines), _ZERO)
     total_ltv = sum((line.ltv for line in campaign_lines), _ZERO)
     total_margin = sum((line.margin_recovered for line in campaign_lines), _ZERO)
+    below = contract.carry_threshold()
+    if campaign_lines and below is not None and 0 < total_fee < below:
+        # Not issued: this period's own fee waits for the next invoice (earlier carried fees
+        # keep waiting, each with its own period).
+        return NotBilled(
+            client_id=contract.client_id,
+            reason="carried_forward",
+            currency=currency,
+            total_spend=exact(total_spend, currency),
+            total_ltv=exact(total_ltv, currency),
+            total_margin_recovered=exact(total_margin, currency),
+            carried_fee=max(own_fee, _ZERO),
+            carried_below=below,
+        )
     if total_fee <= 0 or not campaign_lines:
         return NotBilled(
             client_id=contract.client_id,
@@ -351,7 +410,7 @@ def summarise(
         tally.invoices += 1
         tally.add(inv.total_spend, inv.total_ltv, inv.total_margin_recovered, inv.total_fee)
     for nb in not_billed:
-        if nb.reason == "zero_fee":
+        if nb.reason in ("zero_fee", "carried_forward"):
             tallies[nb.currency].add(nb.total_spend, nb.total_ltv, nb.total_margin_recovered)
     return RunSummary(
         period=period.label,
@@ -371,6 +430,7 @@ def compute_run(
     *,
     contracts_file: str = "the contracts file",
     issue_date: date | None = None,
+    carried: Mapping[str, Sequence[CarriedFee]] | None = None,
 ) -> BillingRun:
     """Compute every client's invoice for ``period``.
 
@@ -381,6 +441,7 @@ def compute_run(
         sources: Evidence of the source, copied into every invoice's proof of value.
         contracts_file: Named in errors about clients without a contract.
         issue_date: Override of the issue date (default: the day after the period).
+        carried: Fees of earlier periods carried forward, by client id (from the ledger).
 
     Returns:
         The invoices (by client id), the clients not billed, and the run summary.
@@ -401,6 +462,7 @@ def compute_run(
             period=period,
             sources=sources,
             issue_date=issue_date,
+            carried=(carried or {}).get(client_id, ()),
         )
         (invoices if isinstance(outcome, Invoice) else not_billed).append(outcome)  # type: ignore[arg-type]
     return BillingRun(

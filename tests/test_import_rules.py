@@ -29,6 +29,7 @@ CLI = (
     "kiki_billing.cli_delivery",
     "kiki_billing.cli_metrics",
     "kiki_billing.cli_webhooks",
+    "kiki_billing.cli_reconcile",
     "kiki_billing.cli_support",
     "kiki_billing.audit_cli",
 )

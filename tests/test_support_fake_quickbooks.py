@@ -289,7 +289,14 @@ def test_queries_quote_and_filter_like_qbo(qbo: Client) -> None:
         "Services",
         "Sales of Product Income",
     ]
-    assert fault(qbo.query("select * from Account where Name like 'S%'"))["code"] == "4000"
+    # NOTE: LIKE takes % as its only wildcard (Intuit's query language reference).
+    like = answer(qbo.query("select * from Account where Name like 'S%'"))
+    assert [a["Name"] for a in like["QueryResponse"]["Account"]] == [
+        "Services",
+        "Sales of Product Income",
+    ]
+    nothing = answer(qbo.query("select * from Account where Name like 'S_rvices'"))
+    assert nothing["QueryResponse"] == {}
     assert fault(qbo.query("delete from Account"))["code"] == "4000"
     wrong_type = qbo.call("POST", "query", "select * from Item", content_type="application/json")
     assert fault(wrong_type)["code"] == "2010"

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from datetime import date
 from typing import Literal
 
-from kiki_billing.models import Frozen, Invoice
+from kiki_billing.models import Frozen, Invoice, revision_number
 from kiki_billing.money import format_money
 
 
@@ -86,11 +86,31 @@ XERO_INVOICES_PER_FILE = 500
 QUICKBOOKS_DOC_NUMBER_MAX = 21
 
 
-def quickbooks_doc_number(invoice_number: str) -> str:
-    """The invoice number as QuickBooks Online can store it (<= 21 characters)."""
+def quickbooks_doc_number(invoice_number: str, revision: int = 0) -> str:
+    """The invoice number as QuickBooks Online can store it (<= 21 characters).
+
+    ``OaaS-202601-000042`` for revision 0, ``OaaS-202601-000042-R1`` from revision 1 (the
+    revision suffix fits up to revision 9).
+    """
     short = invoice_number.removeprefix("KIKI-")
+    if revision:
+        short = f"{short}-R{revision}"
     if len(short) > QUICKBOOKS_DOC_NUMBER_MAX:
-        raise ValueError(f"{invoice_number!r} does not fit QuickBooks' 21-character DocNumber")
+        raise ValueError(
+            f"{revision_number(invoice_number, revision)!r} does not fit QuickBooks' "
+            "21-character DocNumber"
+        )
+    return short
+
+
+def quickbooks_credit_memo_number(invoice_number: str, revision: int) -> str:
+    """The DocNumber of the credit memo that credits a revision: ``...-C<revision>``.
+
+    ``OaaS-202601-000042-C0`` credits revision 0 (``-CN`` after ``-R1`` would not fit 21).
+    """
+    short = f"{invoice_number.removeprefix('KIKI-')}-C{revision}"
+    if len(short) > QUICKBOOKS_DOC_NUMBER_MAX:
+        raise ValueError(f"credit memo {short!r} does not fit QuickBooks' 21-character DocNumber")
     return short
 
 
@@ -129,7 +149,7 @@ def xero_rows(invoice: Invoice, settings: XeroCsvSettings) -> list[list[str]]:
             {
                 "*ContactName": text_cell(invoice.client_name),
                 "EmailAddress": text_cell(invoice.client_email or ""),
-                "*InvoiceNumber": invoice.number,
+                "*InvoiceNumber": invoice.document_number,
                 "Reference": f"Profit share {invoice.period}",
                 "*InvoiceDate": _date(invoice.issue_date, settings.date_format),
                 "*DueDate": _date(invoice.due_date, settings.date_format),
@@ -170,13 +190,13 @@ def quickbooks_rows(
     for line in invoice.lines:
         amount = format_money(line.fee, invoice.currency)
         row = {
-            "*InvoiceNo": quickbooks_doc_number(invoice.number),
+            "*InvoiceNo": quickbooks_doc_number(invoice.number, invoice.revision),
             "*Customer": text_cell(invoice.client_name),
             "*InvoiceDate": _date(invoice.issue_date, settings.date_format),
             "*DueDate": _date(invoice.due_date, settings.date_format),
             "Terms": f"Net {invoice.payment_terms_days}",
             "Location": text_cell(settings.location or ""),
-            "Memo": f"{invoice.number} profit share {invoice.period}",
+            "Memo": f"{invoice.document_number} profit share {invoice.period}",
             "Item(Product/Service)": text_cell(settings.item),
             "ItemDescription": text_cell(line.description),
             "ItemQuantity": "1",
@@ -193,3 +213,100 @@ def render_quickbooks_csv(invoices: Sequence[Invoice], settings: QuickBooksCsvSe
     """The QuickBooks Online invoice import file."""
     header = quickbooks_header(invoices, settings)
     return _csv(header, (row for inv in invoices for row in quickbooks_rows(inv, settings, header)))
+
+
+# --------------------------------------------------------------------------------------------
+# Credit notes: what corrects a superseded revision in the files an accountant imports
+# --------------------------------------------------------------------------------------------
+
+# NOTE: Xero imports sales credit notes from Credit notes > Import with the invoice template's
+# columns, CreditNoteNumber and CreditNoteDate in place of InvoiceNumber and InvoiceDate, no due
+# date, amounts positive (Xero's credit note import template; UNVERIFIED against a Xero file).
+XERO_CREDIT_NOTE_HEADER = [
+    "*CreditNoteNumber"
+    if name == "*InvoiceNumber"
+    else "*CreditNoteDate"
+    if name == "*InvoiceDate"
+    else name
+    for name in XERO_HEADER
+    if name != "*DueDate"
+]
+# NOTE: QuickBooks Online's import tool takes invoices, not credit memos; this file lists the
+# credit memo's lines (positive amounts, as QuickBooks enters them) for entry by hand or by an
+# import app.
+QUICKBOOKS_CREDIT_MEMO_HEADER = [
+    "*CreditMemoNo",
+    "*Customer",
+    "*CreditMemoDate",
+    "Location",
+    "Memo",
+    "Item(Product/Service)",
+    "ItemDescription",
+    "ItemQuantity",
+    "ItemRate",
+    "*ItemAmount",
+    "Service Date",
+]
+
+
+def credit_note_reference(credited: Invoice, replacement: Invoice) -> str:
+    """Why the credit note exists, in the words every format carries."""
+    return (
+        f"Credits {credited.document_number} (revision {credited.revision}); "
+        f"replaced by {replacement.document_number}"
+    )
+
+
+def render_xero_credit_note_csv(
+    credited: Invoice, replacement: Invoice, settings: XeroCsvSettings
+) -> str:
+    """The Xero credit-note import rows that credit ``credited`` in full."""
+    rows = []
+    for line in credited.lines:
+        row = dict.fromkeys(XERO_CREDIT_NOTE_HEADER, "")
+        row.update(
+            {
+                "*ContactName": text_cell(credited.client_name),
+                "EmailAddress": text_cell(credited.client_email or ""),
+                "*CreditNoteNumber": f"{credited.document_number}-CN",
+                "Reference": text_cell(credit_note_reference(credited, replacement)),
+                "*CreditNoteDate": _date(replacement.issue_date, settings.date_format),
+                "*Description": text_cell(line.description),
+                "*Quantity": "1",
+                "*UnitAmount": format_money(line.fee, credited.currency),
+                "*AccountCode": text_cell(settings.account_code),
+                "*TaxType": text_cell(settings.tax_type),
+                "Currency": credited.currency,
+                "BrandingTheme": text_cell(settings.branding_theme or ""),
+            }
+        )
+        rows.append([row[name] for name in XERO_CREDIT_NOTE_HEADER])
+    return _csv(XERO_CREDIT_NOTE_HEADER, rows)
+
+
+def render_quickbooks_credit_memo_csv(
+    credited: Invoice, replacement: Invoice, settings: QuickBooksCsvSettings
+) -> str:
+    """The lines of the QuickBooks credit memo that credits ``credited`` in full."""
+    header = list(QUICKBOOKS_CREDIT_MEMO_HEADER)
+    if credited.currency != settings.home_currency:
+        header.append("Currency")
+    rows = []
+    for line in credited.lines:
+        amount = format_money(line.fee, credited.currency)
+        row = {
+            "*CreditMemoNo": quickbooks_credit_memo_number(credited.number, credited.revision),
+            "*Customer": text_cell(credited.client_name),
+            "*CreditMemoDate": _date(replacement.issue_date, settings.date_format),
+            "Location": text_cell(settings.location or ""),
+            "Memo": text_cell(credit_note_reference(credited, replacement)),
+            "Item(Product/Service)": text_cell(settings.item),
+            "ItemDescription": text_cell(line.description),
+            "ItemQuantity": "1",
+            "ItemRate": amount,
+            "*ItemAmount": amount,
+            "Service Date": _date(credited.period_end, settings.date_format),
+            "Currency": credited.currency,
+        }
+        rows.append([row[name] for name in header])
+    return _csv(header, rows)

@@ -26,6 +26,49 @@ def invoice_document(invoice: Invoice) -> str:
     return invoice.canonical_json(indent=2) + "\n"
 
 
+def credit_note_data(credited: Invoice, replacement: Invoice) -> dict[str, Any]:
+    """The credit note that credits a superseded revision in full, as JSON data.
+
+    Its total is the credited revision's total (positive: a credit note, never a negative
+    invoice); each line credits one line of it.
+    """
+    return {
+        "type": "credit_note",
+        "credit_note_number": f"{credited.document_number}-CN",
+        "credits": {
+            "number": credited.number,
+            "revision": credited.revision,
+            "document_number": credited.document_number,
+            "content_hash": credited.billing_hash(),
+        },
+        "replaced_by": {
+            "revision": replacement.revision,
+            "document_number": replacement.document_number,
+            "content_hash": replacement.billing_hash(),
+        },
+        "client_id": credited.client_id,
+        "client_name": credited.client_name,
+        "period": credited.period,
+        "issue_date": replacement.issue_date.isoformat(),
+        "currency": credited.currency,
+        "lines": [
+            {
+                "line_no": line.line_no,
+                "description": line.description,
+                "credits_line": line.line_no,
+                "amount": format(line.fee, "f"),
+            }
+            for line in credited.lines
+        ],
+        "total": format(credited.total_fee, "f"),
+    }
+
+
+def credit_note_document(credited: Invoice, replacement: Invoice) -> str:
+    """The canonical JSON file of a credit note (sorted keys, two-space indent, newline)."""
+    return canonical_json(credit_note_data(credited, replacement), indent=2) + "\n"
+
+
 def summary_data(summary: RunSummary) -> dict[str, Any]:
     """The run summary as JSON data; one-currency runs also carry their totals at the top."""
     data = summary.model_dump(mode="json")

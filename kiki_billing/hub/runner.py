@@ -27,6 +27,13 @@ from typing import Any, TypeGuard, TypeVar
 
 import structlog
 
+from kiki_billing.hub.corrections import (
+    assessment_step,
+    decide,
+    from_recorded,
+    prefixed,
+    recorded_refs,
+)
 from kiki_billing.hub.keys import idempotency_key
 from kiki_billing.hub.ledger import (
     DeliveryRecord,
@@ -35,6 +42,7 @@ from kiki_billing.hub.ledger import (
     StepOrigin,
     StepRecord,
     StepWrite,
+    owner_is_dead,
 )
 from kiki_billing.hub.plan import Delivery
 from kiki_billing.hub.ratelimit import (
@@ -48,16 +56,37 @@ from kiki_billing.hub.retry import RetryPolicy, run_with_retry
 from kiki_billing.models import Invoice
 from kiki_billing.plugin import (
     BillingAdapter,
+    Correction,
+    CorrectionAction,
     DeliveryError,
     RateLimitedError,
     Step,
     StepContext,
     StepRequest,
     TerminalError,
+    TransientError,
 )
 
 T = TypeVar("T")
 log = structlog.get_logger("kiki_billing.hub")
+
+
+@dataclass
+class _StepRun:
+    """One run of a delivery's steps: what is recorded, what it sent, what waits for a commit.
+
+    Step results wait in ``pending`` and are committed with the next step's start (or the end of
+    the delivery): one transaction per step instead of two.
+    """
+
+    record_id: int
+    recorded: Mapping[str, StepRecord]
+    created: set[str]
+    limiter: AccountLimiter
+    logger: Any
+    pending: list[StepWrite] = field(default_factory=list)
+    keep: dict[str, str] = field(default_factory=dict)
+    step_name: str = "validate"
 
 
 @dataclass(frozen=True)
@@ -72,6 +101,7 @@ class DeliveryOutcome:
     refs: Mapping[str, str] = field(default_factory=dict)
     error: str | None = None
     note: str | None = None
+    revision: int = 0
 
     @property
     def ok(self) -> bool:
@@ -370,7 +400,6 @@ class DeliveryRunner:
         # A step skipped for a setting is decided again with today's settings.
         # The first claim of a delivery has no steps recorded: no need to read them.
         recorded = {} if first_claim else self.ledger.steps(record.id)
-        created = {name for name, r in recorded.items() if r.origin is StepOrigin.SENT}
         logger = log.bind(
             invoice=invoice.number,
             revision=invoice.revision,
@@ -379,108 +408,225 @@ class DeliveryRunner:
             client=invoice.client_id,
             delivery_attempt=record.attempts + 1,
         )
-        limiter = self.machinery.limiter(adapter)
-        # Step results wait here and are committed with the next step's start (or the end of
-        # the delivery): one transaction per step instead of two.
-        pending: list[StepWrite] = []
-        keep: dict[str, str] = {}
-        step_name = "validate"
+        run = _StepRun(
+            record_id=record.id,
+            recorded=recorded,
+            created={name for name, r in recorded.items() if r.origin is StepOrigin.SENT},
+            limiter=self.machinery.limiter(adapter),
+            logger=logger,
+        )
         try:
             adapter.validate(invoice, delivery.client)
+            corrections: list[Correction] = []
+            if invoice.revision > 0:
+                corrections = self._correct_superseded(delivery, adapter, run)
+                refs.update(
+                    {f"corrected_r{c.invoice.revision}": c.action.value for c in corrections}
+                )
             for step in adapter.steps(invoice, delivery.client):
-                step_name = step.name
-                prior = recorded.get(step.name)
-                if done(prior):
-                    refs.update(prior.refs)
+                self._step(delivery, adapter, run, step, invoice, refs, client_refs=True)
+            for correction in corrections:
+                if correction.action is not CorrectionAction.CREDIT:
                     continue
-                key = step_key(invoice, delivery.target, step.name, prior)
-                ctx = StepContext(
-                    invoice=invoice,
-                    client=delivery.client,
-                    refs=dict(refs),
-                    idempotency_key=key,
-                    throttle=limiter.acquire,
-                )
-                request = step.request(ctx)
-                step_log = logger.bind(step=step.name, idempotency_key=key)
-                found = step.skip(ctx) if step.skip is not None else None
-                origin = StepOrigin.SKIPPED
-                has_row = prior is not None
-                if found is None and should_look_up(step, prior, created):
-                    lookup = step.lookup
-                    assert lookup is not None
-                    found, tries = self.call(adapter, functools.partial(lookup, ctx), step_log)
-                    origin = StepOrigin.FOUND
-                    if found is not None:
-                        step_log.info("step.found_upstream", attempt=tries, refs=dict(found))
-                if found is None:
-                    _check_resolved(step.name, request)
-                    pending.append(StepWrite.started(step.name, key, new=not has_row))
-                    self._flush(record.id, adapter, delivery, pending, keep)
-                    has_row = True
-                    send = step.send
-                    sent, tries = self.call(
-                        adapter, functools.partial(send, ctx, request), step_log
-                    )
-                    found = sent
-                    origin = StepOrigin.SENT
-                    created.add(step.name)
-                    step_log.info("step.sent", attempt=tries, refs=dict(found))
-                pending.append(
-                    StepWrite(
-                        step.name,
-                        key,
-                        DeliveryState.DELIVERED,
-                        dict(found),
-                        origin=origin,
-                        new=not has_row,
-                    )
-                )
-                refs.update(found)
-                if origin is not StepOrigin.SKIPPED:
-                    # Kept with the step, so a later period reuses them even after a crash.
-                    keep.update({k: v for k, v in found.items() if k in adapter.client_refs})
+                settlement = adapter.settlement_steps(correction, delivery.client)
+                for step in prefixed(settlement, correction.invoice.revision):
+                    self._step(delivery, adapter, run, step, invoice, refs, client_refs=False)
         except DeliveryError as exc:
             return self._failed(
-                delivery, record, adapter, breaker, step_name, refs, exc, logger, pending, keep
+                delivery, record, adapter, breaker, run.step_name, refs, exc, logger, run
             )
         except Exception as exc:
-            logger.exception("delivery.internal_error", step=step_name)
+            logger.exception("delivery.internal_error", step=run.step_name)
             error = adapter.classify_error(exc)
-            error = TerminalError(f"internal error in {step_name}: {error.message}")
+            error = TerminalError(f"internal error in {run.step_name}: {error.message}")
             return self._failed(
-                delivery, record, adapter, breaker, step_name, refs, error, logger, pending, keep
+                delivery, record, adapter, breaker, run.step_name, refs, error, logger, run
             )
         self._flush(
-            record.id,
-            adapter,
             delivery,
-            pending,
-            keep,
+            adapter,
+            run,
             finish=(self.owner, DeliveryState.DELIVERED, refs, None),
         )
         breaker.record_success()
         logger.info("delivery.delivered", refs=refs)
         return outcome(delivery, DeliveryState.DELIVERED, refs=refs)
 
+    def _step(
+        self,
+        delivery: Delivery,
+        adapter: BillingAdapter[Any, Any],
+        run: _StepRun,
+        step: Step[Any],
+        subject: Invoice,
+        refs: dict[str, str],
+        *,
+        client_refs: bool,
+    ) -> None:
+        """Run one step: reuse what is recorded, else look up, else send; ``refs`` grows.
+
+        ``subject`` is the invoice the step acts on (a superseded revision for a correction);
+        ``client_refs`` keeps the step's client ids (``adapter.client_refs``) for later periods.
+        """
+        run.step_name = step.name
+        prior = run.recorded.get(step.name)
+        if done(prior):
+            refs.update(prior.refs)
+            return
+        key = step_key(delivery.invoice, delivery.target, step.name, prior)
+        ctx = StepContext(
+            invoice=subject,
+            client=delivery.client,
+            refs=dict(refs),
+            idempotency_key=key,
+            throttle=run.limiter.acquire,
+        )
+        request = step.request(ctx)
+        step_log = run.logger.bind(step=step.name, idempotency_key=key)
+        found = step.skip(ctx) if step.skip is not None else None
+        origin = StepOrigin.SKIPPED
+        has_row = prior is not None
+        if found is None and should_look_up(step, prior, run.created):
+            lookup = step.lookup
+            assert lookup is not None
+            found, tries = self.call(adapter, functools.partial(lookup, ctx), step_log)
+            origin = StepOrigin.FOUND
+            if found is not None:
+                step_log.info("step.found_upstream", attempt=tries, refs=dict(found))
+        if found is None:
+            _check_resolved(step.name, request)
+            run.pending.append(StepWrite.started(step.name, key, new=not has_row))
+            self._flush(delivery, adapter, run)
+            has_row = True
+            send = step.send
+            sent, tries = self.call(adapter, functools.partial(send, ctx, request), step_log)
+            found = sent
+            origin = StepOrigin.SENT
+            run.created.add(step.name)
+            step_log.info("step.sent", attempt=tries, refs=dict(found))
+        run.pending.append(
+            StepWrite(
+                step.name,
+                key,
+                DeliveryState.DELIVERED,
+                dict(found),
+                origin=origin,
+                new=not has_row,
+            )
+        )
+        refs.update(found)
+        if client_refs and origin is not StepOrigin.SKIPPED:
+            # Kept with the step, so a later period reuses them even after a crash.
+            run.keep.update({k: v for k, v in found.items() if k in adapter.client_refs})
+
+    def _correct_superseded(
+        self, delivery: Delivery, adapter: BillingAdapter[Any, Any], run: _StepRun
+    ) -> list[Correction]:
+        """Void or credit each older revision delivered to this target account.
+
+        See :mod:`kiki_billing.hub.corrections`. Returns what was decided per revision.
+
+        Raises:
+            TransientError: An older revision is being delivered by another live process.
+            TerminalError: The provider holds an older revision twice, or the adapter cannot
+                correct (no ``remote_invoices`` or ``correction_steps``).
+        """
+        invoice = delivery.invoice
+        decided: list[Correction] = []
+        for old in self.ledger.superseded(
+            invoice.number, invoice.revision, delivery.target, delivery.account
+        ):
+            name = assessment_step(old.revision)
+            run.step_name = name
+            if _held_elsewhere(old, self.owner):
+                raise TransientError(
+                    f"revision {old.revision} of {invoice.number} is being delivered to "
+                    f"{delivery.target} by another process ({old.owner}); it is corrected once "
+                    "that one is done",
+                    code="superseded_in_flight",
+                )
+            previous = self.ledger.load_invoice(invoice.number, old.revision)
+            base = self.ledger.known_refs(old)
+            prior = run.recorded.get(name)
+            earlier = None
+            if prior is not None and prior.state is DeliveryState.DELIVERED:
+                earlier = from_recorded(prior.refs, previous, invoice, base)
+            if earlier is not None and self._correction_done(delivery, adapter, run, earlier):
+                decided.append(earlier)
+                continue
+            step_log = run.logger.bind(step=name)
+            try:
+                found, _ = self.call(
+                    adapter, functools.partial(adapter.remote_invoices, previous, base), step_log
+                )
+            except NotImplementedError:
+                raise TerminalError(
+                    f"adapter {adapter.name!r} cannot read invoices back, so revision "
+                    f"{old.revision} of {invoice.number} cannot be corrected there"
+                ) from None
+            correction = decide(
+                found, previous, invoice, base, target=delivery.target, earlier=earlier
+            )
+            step_log.info("correction.decided", action=correction.action.value)
+            key = step_key(invoice, delivery.target, name, prior)
+            run.pending.append(
+                StepWrite(
+                    name,
+                    key,
+                    DeliveryState.DELIVERED,
+                    recorded_refs(correction),
+                    origin=StepOrigin.SKIPPED,
+                    new=prior is None,
+                )
+            )
+            refs = dict(correction.refs)
+            for step in self._correction_steps(delivery, adapter, correction):
+                self._step(delivery, adapter, run, step, previous, refs, client_refs=False)
+            decided.append(correction)
+        return decided
+
+    def _correction_steps(
+        self, delivery: Delivery, adapter: BillingAdapter[Any, Any], correction: Correction
+    ) -> list[Step[Any]]:
+        if correction.action is CorrectionAction.NONE:
+            return []
+        try:
+            steps = adapter.correction_steps(correction, delivery.client)
+        except NotImplementedError:
+            raise TerminalError(
+                f"adapter {adapter.name!r} cannot void or credit an invoice, so revision "
+                f"{correction.invoice.revision} of {correction.invoice.number} cannot be "
+                "corrected there"
+            ) from None
+        return prefixed(steps, correction.invoice.revision)
+
+    def _correction_done(
+        self,
+        delivery: Delivery,
+        adapter: BillingAdapter[Any, Any],
+        run: _StepRun,
+        correction: Correction,
+    ) -> bool:
+        """Every step of an earlier run's decision is recorded done (no need to read again)."""
+        steps = self._correction_steps(delivery, adapter, correction)
+        return all(done(run.recorded.get(step.name)) for step in steps)
+
     def _flush(
         self,
-        delivery_id: int,
-        adapter: BillingAdapter[Any, Any],
         delivery: Delivery,
-        pending: list[StepWrite],
-        keep: dict[str, str],
+        adapter: BillingAdapter[Any, Any],
+        run: _StepRun,
         *,
         finish: tuple[str, DeliveryState, Mapping[str, str], str | None] | None = None,
     ) -> None:
         client_refs = (
-            (adapter.name, delivery.account, delivery.invoice.client_id, dict(keep))
-            if keep
+            (adapter.name, delivery.account, delivery.invoice.client_id, dict(run.keep))
+            if run.keep
             else None
         )
-        self.ledger.record_steps(delivery_id, pending, client_refs=client_refs, finish=finish)
-        pending.clear()
-        keep.clear()
+        self.ledger.record_steps(run.record_id, run.pending, client_refs=client_refs, finish=finish)
+        run.pending.clear()
+        run.keep.clear()
 
     def _failed(
         self,
@@ -492,8 +638,7 @@ class DeliveryRunner:
         refs: Mapping[str, str],
         error: DeliveryError,
         logger: Any,
-        pending: list[StepWrite],
-        keep: dict[str, str],
+        run: _StepRun,
     ) -> DeliveryOutcome:
         state = DeliveryState.DEFERRED if error.retriable else DeliveryState.FAILED
         error = error.scrubbed(adapter.secrets())
@@ -502,10 +647,8 @@ class DeliveryRunner:
             key = idempotency_key(
                 delivery.invoice.number, delivery.invoice.revision, delivery.target, step_name
             )
-            pending.append(StepWrite(step_name, key, state, {}, str(error)))
-        self._flush(
-            record.id, adapter, delivery, pending, keep, finish=(self.owner, state, refs, message)
-        )
+            run.pending.append(StepWrite(step_name, key, state, {}, str(error)))
+        self._flush(delivery, adapter, run, finish=(self.owner, state, refs, message))
         if (error.retriable and error.code != LOCAL_LIMIT) or error.status in (401, 403):
             breaker.record_failure()
         logger.warning("delivery.not_delivered", state=state.value, error=message)
@@ -536,6 +679,20 @@ class DeliveryRunner:
         adapter.validate(invoice, delivery.client)
         created = {name for name, r in recorded.items() if r.origin is StepOrigin.SENT}
         planned = []
+        for old in self.ledger.superseded(
+            invoice.number, invoice.revision, delivery.target, delivery.account
+        ):
+            name = assessment_step(old.revision)
+            prior = recorded.get(name)
+            key = step_key(invoice, delivery.target, name, prior)
+            # NOTE: a dry run reads nothing upstream: which correction applies is decided from
+            # the provider's view when the push runs.
+            request = StepRequest(
+                "CORRECT",
+                f"revision {old.revision} ({old.state.value} here)",
+                {"if_unpaid": "void", "if_paid": "credit note for the whole, then reissue"},
+            )
+            planned.append(PlannedStep(name, key, StepAction.LOOKUP_THEN_SEND, request))
         for step in adapter.steps(invoice, delivery.client):
             prior = recorded.get(step.name)
             key = step_key(invoice, delivery.target, step.name, prior)
@@ -586,6 +743,17 @@ def _check_resolved(step: str, request: StepRequest) -> None:
             raise TerminalError(f"{step} needs {text}, which no earlier step recorded")
 
 
+def _held_elsewhere(record: DeliveryRecord, owner: str) -> bool:
+    """The delivery is in flight under a live claim of another process."""
+    return (
+        record.state is DeliveryState.IN_FLIGHT
+        and record.owner is not None
+        and record.owner != owner
+        and (record.lease_until or 0) >= time.time()
+        and not owner_is_dead(record.owner)
+    )
+
+
 def outcome(
     delivery: Delivery,
     state: DeliveryState,
@@ -604,4 +772,5 @@ def outcome(
         refs=dict(refs or {}),
         error=error,
         note=note,
+        revision=delivery.invoice.revision,
     )

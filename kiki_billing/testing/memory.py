@@ -19,6 +19,8 @@ from kiki_billing.plugin import (
     AdapterSettings,
     BillingAdapter,
     ClientSettings,
+    Correction,
+    CorrectionAction,
     DeliveryError,
     Invoice,
     PaymentState,
@@ -31,6 +33,7 @@ from kiki_billing.plugin import (
     StepRequest,
     TerminalError,
     TransientError,
+    credit_note_number,
     currency_exponent,
     to_minor_units,
 )
@@ -69,6 +72,7 @@ class MemoryBillingSystem:
 
     customers: dict[str, dict[str, Any]] = field(default_factory=dict)
     invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    credit_notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[tuple[str, str | None]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     _replies: dict[str, Any] = field(default_factory=dict)
@@ -127,11 +131,61 @@ class MemoryBillingSystem:
                 return
             if state not in ("paid", "partly_paid") or invoice["status"] != "open":
                 raise ValueError(f"cannot mark a {invoice['status']} invoice {state}")
-            due = sum(invoice["lines"].values()) - invoice["paid"]
+            due = sum(invoice["lines"].values()) - invoice["paid"] - invoice["applied"]
             paid = due if state == "paid" else (amount_minor or due // 2)
             invoice["paid"] += paid
-            if invoice["paid"] >= sum(invoice["lines"].values()):
+            if invoice["paid"] + invoice["applied"] >= sum(invoice["lines"].values()):
                 invoice["status"] = "paid"
+
+    def void_invoice(self, invoice_id: str) -> str:
+        """Void a draft or open invoice with nothing paid (as the providers allow).
+
+        Raises:
+            MemoryProviderError: 400 for any other invoice (paid, partly paid, void).
+        """
+        invoice = self.invoices.get(invoice_id)
+        if invoice is None:
+            raise MemoryProviderError(404, f"no invoice {invoice_id}")
+        if invoice["status"] not in ("draft", "open") or invoice["paid"] or invoice["credited"]:
+            raise MemoryProviderError(
+                400, f"invoice {invoice_id} is {invoice['status']} with payments: not voidable"
+            )
+        invoice["status"] = "void"
+        return "void"
+
+    def credit(self, invoice_id: str, number: str, amount_minor: int) -> str:
+        """A credit note against an issued invoice: set against what is due, the rest credit.
+
+        Raises:
+            MemoryProviderError: 400 for a draft or void invoice, a non-positive amount, more
+                than the invoice total not yet credited, or a credit note number in use.
+        """
+        invoice = self.invoices.get(invoice_id)
+        if invoice is None:
+            raise MemoryProviderError(404, f"no invoice {invoice_id}")
+        total = sum(invoice["lines"].values())
+        if invoice["status"] not in ("open", "paid"):
+            raise MemoryProviderError(400, f"cannot credit a {invoice['status']} invoice")
+        if amount_minor <= 0 or amount_minor > total - invoice["credited"]:
+            raise MemoryProviderError(400, f"credit {amount_minor} exceeds what is creditable")
+        if any(note["number"] == number for note in self.credit_notes.values()):
+            raise MemoryProviderError(400, f"credit note number {number} is in use")
+        due = max(total - invoice["paid"] - invoice["applied"], 0)
+        applied = min(amount_minor, due)
+        invoice["credited"] += amount_minor
+        invoice["applied"] += applied
+        if invoice["paid"] + invoice["applied"] >= total:
+            invoice["status"] = "paid"
+        customer = self.customers.setdefault(invoice["customer"], {"client_id": None})
+        customer["balance"] = customer.get("balance", 0) + amount_minor - applied
+        note_id = self.new_id("cn")
+        self.credit_notes[note_id] = {
+            "invoice": invoice_id,
+            "number": number,
+            "amount": amount_minor,
+            "applied": applied,
+        }
+        return note_id
 
     def duplicate_invoice(self, invoice_id: str) -> str:
         """A copy of an invoice under a new id (made outside the ledger); returns the id."""
@@ -220,6 +274,9 @@ class MemoryAdapter(BillingAdapter[MemorySettings, MemoryClientSettings]):
                     "lines": {},
                     "status": "draft",
                     "paid": 0,
+                    "credited": 0,
+                    "applied": 0,
+                    "period": invoice.period,
                 }
                 return iid
 
@@ -228,7 +285,7 @@ class MemoryAdapter(BillingAdapter[MemorySettings, MemoryClientSettings]):
         def find_draft(ctx: MemoryContext) -> Mapping[str, str] | None:
             p.calls.append(("find_invoice", None))
             for iid, inv in p.invoices.items():
-                if inv["number"] == invoice.number:
+                if inv["number"] == invoice.number and inv["revision"] == invoice.revision:
                     return {"invoice_id": iid}
             return None
 
@@ -320,28 +377,78 @@ class MemoryAdapter(BillingAdapter[MemorySettings, MemoryClientSettings]):
                 for iid, inv in p.invoices.items()
                 if inv["number"] == invoice.number and inv.get("revision") == invoice.revision
             ]
-        found = []
-        for iid, inv in held:
-            exponent = currency_exponent(inv["currency"])
-            total = sum(inv["lines"].values())
-            state = {
-                "draft": PaymentState.DRAFT,
-                "paid": PaymentState.PAID,
-                "void": PaymentState.VOID,
-            }.get(inv["status"], PaymentState.PARTLY_PAID if inv["paid"] else PaymentState.OPEN)
-            found.append(
-                RemoteInvoice(
-                    refs={"invoice_id": iid, "customer_id": inv["customer"]},
-                    kiki_number=inv["number"],
-                    kiki_revision=inv["revision"],
-                    number=iid,
-                    currency=inv["currency"],
-                    total=Decimal(total).scaleb(-exponent),
-                    amount_paid=Decimal(inv["paid"]).scaleb(-exponent),
-                    state=state,
+        return [_remote(iid, inv) for iid, inv in held]
+
+    def remote_period_invoices(self, period: str) -> list[RemoteInvoice]:
+        """Every invoice the system holds for the period (one read)."""
+        p = self.provider
+        p.calls.append(("list_period", None))
+        with p._lock:
+            held = [(iid, dict(inv)) for iid, inv in p.invoices.items() if inv["period"] == period]
+        return [_remote(iid, inv) for iid, inv in held]
+
+    def recorded_payment_state(self, refs: Mapping[str, str]) -> PaymentState | None:
+        """Finalized invoices are open."""
+        return PaymentState.OPEN if refs.get("status") == "open" else None
+
+    def correction_steps(
+        self, correction: Correction, client: MemoryClientSettings
+    ) -> Sequence[MemoryStep]:
+        """``void`` (looked up by status) or ``credit-note`` (looked up by its number)."""
+        p = self.provider
+        invoice_id = correction.refs.get("invoice_id", "{invoice_id}")
+        if correction.action is CorrectionAction.VOID:
+
+            def void(ctx: MemoryContext, request: StepRequest) -> Mapping[str, str]:
+                target = str(request.payload["invoice"])
+                voided = p.call("void", ctx.idempotency_key, lambda: p.void_invoice(target))
+                return {"voided": voided}
+
+            def find_void(ctx: MemoryContext) -> Mapping[str, str] | None:
+                p.calls.append(("find_void", None))
+                held = p.invoices.get(invoice_id)
+                return {"voided": "void"} if held is None or held["status"] == "void" else None
+
+            return [
+                Step(
+                    "void",
+                    request=lambda ctx: StepRequest(
+                        "POST", f"/invoices/{invoice_id}/void", {"invoice": invoice_id}
+                    ),
+                    send=void,
+                    lookup=find_void,
                 )
+            ]
+        number = credit_note_number(correction.invoice)
+        amount = to_minor_units(correction.credit_total, correction.invoice.currency)
+
+        def credit(ctx: MemoryContext, request: StepRequest) -> Mapping[str, str]:
+            payload = request.payload
+
+            def write() -> str:
+                return p.credit(str(payload["invoice"]), str(payload["number"]), amount)
+
+            return {"credit_note_id": p.call("credit", ctx.idempotency_key, write)}
+
+        def find_credit(ctx: MemoryContext) -> Mapping[str, str] | None:
+            p.calls.append(("find_credit", None))
+            for note_id, note in p.credit_notes.items():
+                if note["number"] == number:
+                    return {"credit_note_id": note_id}
+            return None
+
+        return [
+            Step(
+                "credit-note",
+                request=lambda ctx: StepRequest(
+                    "POST",
+                    "/credit_notes",
+                    {"invoice": invoice_id, "number": number, "amount": amount},
+                ),
+                send=credit,
+                lookup=find_credit,
             )
-        return found
+        ]
 
     def classify(self, error: Exception) -> DeliveryError:
         """429 -> rate limited, 5xx and dropped connections -> transient, other -> terminal."""
@@ -352,3 +459,23 @@ class MemoryAdapter(BillingAdapter[MemorySettings, MemoryClientSettings]):
                 return TransientError(str(error), status=error.status)
             return TerminalError(str(error), status=error.status)
         return TerminalError(f"{type(error).__name__}: {error}")
+
+
+def _remote(iid: str, inv: Mapping[str, Any]) -> RemoteInvoice:
+    exponent = currency_exponent(inv["currency"])
+    total = sum(inv["lines"].values())
+    state = {
+        "draft": PaymentState.DRAFT,
+        "paid": PaymentState.PAID,
+        "void": PaymentState.VOID,
+    }.get(inv["status"], PaymentState.PARTLY_PAID if inv["paid"] else PaymentState.OPEN)
+    return RemoteInvoice(
+        refs={"invoice_id": iid, "customer_id": inv["customer"]},
+        kiki_number=inv["number"],
+        kiki_revision=inv["revision"],
+        number=iid,
+        currency=inv["currency"],
+        total=Decimal(total).scaleb(-exponent),
+        amount_paid=Decimal(inv["paid"]).scaleb(-exponent),
+        state=state,
+    )

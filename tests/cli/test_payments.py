@@ -248,3 +248,18 @@ def test_metrics_serve_answers_and_stops_cleanly(tmp_path: Path, env: dict[str, 
         _out, err = server.communicate(timeout=60)
     assert server.returncode == 0, err
     assert f"serving http://127.0.0.1:{port}/metrics" in err
+
+
+def test_a_file_target_has_no_payment_state_and_is_never_overdue(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    done = cli(tmp_path, env, "push", "--period", "2026-01", "--contracts", "contracts.toml",
+               "--metrics", "metrics.csv", "--issue-date", "2026-02-01", "--quiet")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {r["target"]: r for r in json.loads(cli(tmp_path, env, "status", "--json").stdout)}
+    # Due 30 days after 2026-02-01 and nothing heard from Stripe: overdue there...
+    assert (rows["stripe"]["payment_state"], rows["stripe"]["overdue"]) == (None, True)
+    # ...while a JSON file cannot be paid or overdue.
+    assert (rows["json"]["payment_state"], rows["json"]["overdue"]) == (None, False)
+    table = cli(tmp_path, env, "status", "--target", "json").stdout
+    assert "overdue" not in table and "unknown" not in table

@@ -33,9 +33,15 @@ def contracts(tmp_path: Path, targets: str, extra: str = "") -> Path:
     return path
 
 
-def run(tmp_path: Path, *args: str, env: dict[str, str] | None = None, code: str | None = None):
-    metrics = tmp_path / "metrics.csv"
-    metrics.write_text(METRICS)
+def run(
+    tmp_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    code: str | None = None,
+    metrics: str = METRICS,
+    stdin: str | None = None,
+):
+    (tmp_path / "metrics.csv").write_text(metrics)
     base = {k: v for k, v in os.environ.items() if not k.startswith("KIKI_")} | {
         "KIKI_DATA_DIR": str(tmp_path / "data"),
         "KIKI_LOG_LEVEL": "ERROR",
@@ -44,7 +50,14 @@ def run(tmp_path: Path, *args: str, env: dict[str, str] | None = None, code: str
     base.update(env or {})
     command = [sys.executable, "-c", code or "from kiki_billing.cli import main; main()", *args]
     return subprocess.run(
-        command, cwd=tmp_path, env=base, capture_output=True, text=True, check=False
+        command,
+        cwd=tmp_path,
+        env=base,
+        capture_output=True,
+        text=True,
+        check=False,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
     )
 
 

@@ -32,7 +32,11 @@ At least as strict as QBO:
 Payments, voids, deletes and copies made outside the API are control calls
 (``fake.mark_invoice(id, "paid"|"partly_paid"|"void"|"deleted")``, ``fake.duplicate_invoice``).
 
-Not modelled: updates, deletes and voids through the API, taxes (no tax is computed;
+Voids (``POST /invoice?operation=void``), credit memos (``POST /creditmemo``) and payments that
+apply them (``POST /payment``) follow QBO's rules (a stale SyncToken is 5010; no void of an
+invoice with a payment or credit applied; no amount above an open balance).
+
+Not modelled: other updates, deletes through the API, taxes (no tax is computed;
 ``TaxCodeRef`` must name a known code), discounts, multiple pages of query results beyond
 ``maxresults``, batch, CDC, webhooks, reports, minor-version differences.
 
@@ -338,6 +342,8 @@ class Company:
     accounts: dict[str, JSON] = field(default_factory=dict)
     invoices: dict[str, JSON] = field(default_factory=dict)
     vendors: dict[str, JSON] = field(default_factory=dict)
+    credit_memos: dict[str, JSON] = field(default_factory=dict)
+    payments: dict[str, JSON] = field(default_factory=dict)
     emails: list[JSON] = field(default_factory=list)
     next_id: int = 100
 
@@ -352,6 +358,8 @@ class Company:
             "Account": self.accounts,
             "Invoice": self.invoices,
             "Vendor": self.vendors,
+            "CreditMemo": self.credit_memos,
+            "Payment": self.payments,
         }
         if entity not in tables:
             raise validation(
@@ -565,9 +573,27 @@ def _sales_line(company: Company, line: Mapping[str, Any], where: str) -> tuple[
     return stored, amount
 
 
-def create_invoice(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
-    company = app.company(req)
-    payload = _schema("Invoice", req.params)
+@dataclass
+class _SalesDocument:
+    """What an invoice and a credit memo have in common, checked alike."""
+
+    customer_id: str
+    customer: JSON
+    currency: str
+    number: Any
+    lines: list[JSON]
+    total: Decimal
+
+
+def _sales_document(
+    app: FakeQuickBooksApp, company: Company, payload: JSON, kind: str, table: Mapping[str, JSON]
+) -> _SalesDocument:
+    """The customer, currency, DocNumber and sales lines of an invoice or credit memo.
+
+    QBO's rules: an active customer, lengths, the customer's currency, a DocNumber not used by
+    another document of the kind (6140, unless configured), at least one line, each line's
+    amount checked (:func:`_sales_line`).
+    """
     customer_id = _ref(payload, "CustomerRef")
     if customer_id is None:
         raise missing("CustomerRef")
@@ -576,7 +602,6 @@ def create_invoice(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
         raise invalid_reference("Customer", customer_id)
     for element in ("DocNumber", "PrivateNote"):
         _check_length(element, payload.get(element))
-    _check_length("Address", (payload.get("BillEmail") or {}).get("Address"))
     currency = _ref(payload, "CurrencyRef") or customer["CurrencyRef"]["value"]
     if currency != customer["CurrencyRef"]["value"]:
         raise business(
@@ -585,14 +610,14 @@ def create_invoice(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
         )
     number = payload.get("DocNumber")
     if number and not app.duplicate_doc_numbers:
-        for other in company.invoices.values():
+        for other in table.values():
             if other.get("DocNumber") == number:
                 raise validation(
                     "6140",
                     "Duplicate Document Number Error",
                     "Duplicate Document Number Error : You must specify a different number. "
                     f"This number has already been used. DocNumber={number} is assigned to "
-                    f"TxnType=Invoice with TxnId={other['Id']}",
+                    f"TxnType={kind} with TxnId={other['Id']}",
                 )
     lines = payload.get("Line") or []
     if not lines:
@@ -604,6 +629,187 @@ def create_invoice(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
         stored.setdefault("LineNum", n)
         stored_lines.append(stored)
         total += amount
+    return _SalesDocument(customer_id, customer, currency, number, stored_lines, total)
+
+
+def void_invoice(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
+    """``POST /invoice?operation=void`` with ``{"Id", "SyncToken"}``.
+
+    NOTE: a void zeroes every amount and puts "Voided" in front of PrivateNote (Intuit's Invoice
+    API reference, void; "Voiding Invoice Objects", blogs.intuit.com 2016-04-06); the SyncToken
+    must be the invoice's current one (5010 otherwise). [kiki fake] An invoice with a payment or
+    a credit applied is refused, as is one voided already.
+    """
+    company = app.company(req)
+    payload = req.params
+    if not isinstance(payload, dict) or set(payload) - {"Id", "SyncToken", "sparse"}:
+        raise validation(
+            "2010",
+            "Request has invalid or unsupported property",
+            "a void takes the invoice's Id and SyncToken only",
+        )
+    invoice_id = str(payload.get("Id") or "")
+    invoice = company.invoices.get(invoice_id)
+    if invoice is None:
+        raise not_found("Invoice", invoice_id)
+    if str(payload.get("SyncToken")) != invoice["SyncToken"]:
+        raise QuickBooksFault(
+            400,
+            "Stale Object Error",
+            detail=f"Stale Object Error : You and {invoice['SyncToken']} were working on this at "
+            "the same time. (SyncToken mismatch)",
+            code="5010",
+        )
+    if str(invoice.get("PrivateNote") or "").startswith("Voided"):
+        raise business("[kiki fake] This invoice is voided already.")
+    if invoice["Balance"] != invoice["TotalAmt"] or invoice["LinkedTxn"]:
+        raise business(
+            "[kiki fake] This invoice has payments or credits applied and cannot be voided; "
+            "unapply them first."
+        )
+    for line in invoice["Line"]:
+        line["Amount"] = Decimal(0)
+        detail = line.get("SalesItemLineDetail")
+        if detail is not None:
+            detail["Qty"] = Decimal(0)
+    note = invoice.get("PrivateNote")
+    invoice["PrivateNote"] = f"Voided - {note}" if note else "Voided"
+    invoice.update(TotalAmt=Decimal(0), Balance=Decimal(0))
+    invoice["SyncToken"] = str(int(invoice["SyncToken"]) + 1)
+    invoice["MetaData"]["LastUpdatedTime"] = _meta_time(app.clock())
+    return {"Invoice": invoice}
+
+
+def create_credit_memo(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
+    """``POST /creditmemo``: sales lines as an invoice's, checked the same way."""
+    company = app.company(req)
+    payload = _schema("CreditMemo", req.params)
+    doc = _sales_document(app, company, payload, "CreditMemo", company.credit_memos)
+    customer_id, customer, currency, number, total = (
+        doc.customer_id,
+        doc.customer,
+        doc.currency,
+        doc.number,
+        doc.total,
+    )
+    if total <= 0:
+        raise business("[kiki fake] A credit memo must total more than zero.")
+    stored_lines = [
+        *doc.lines,
+        {"Amount": total, "DetailType": "SubTotalLineDetail", "SubTotalLineDetail": {}},
+    ]
+    memo_id = company.new_id()
+    today = datetime.fromtimestamp(app.clock(), UTC).astimezone(PACIFIC).date().isoformat()
+    memo: JSON = {
+        **_entity(memo_id, app.clock()),
+        "CustomField": [],
+        "DocNumber": number or str(1000 + len(company.credit_memos) + 1),
+        "TxnDate": payload.get("TxnDate") or today,
+        "CurrencyRef": {"value": currency, "name": CURRENCY_NAMES.get(currency, currency)},
+        "PrivateNote": payload.get("PrivateNote"),
+        "Line": stored_lines,
+        "TxnTaxDetail": {"TotalTax": Decimal(0)},
+        "CustomerRef": {"value": customer_id, "name": customer["DisplayName"]},
+        "TotalAmt": total,
+        "ApplyTaxAfterDiscount": False,
+        "PrintStatus": "NeedToPrint",
+        "EmailStatus": "NotSet",
+        "Balance": total,
+        "RemainingCredit": total,
+    }
+    company.credit_memos[memo_id] = {k: v for k, v in memo.items() if v is not None}
+    app.count_created("creditmemo")
+    return {"CreditMemo": company.credit_memos[memo_id]}
+
+
+def create_payment(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
+    """``POST /payment``: what the customer paid, applied to invoices (and credit memos).
+
+    Each line links one invoice or credit memo of the customer with an amount no more than its
+    balance; invoices less credit memos must equal ``TotalAmt`` (a Payment of 0 applies a
+    credit memo to an invoice). [kiki fake] Unapplied amounts are not modelled.
+    """
+    company = app.company(req)
+    payload = _schema("Payment", req.params)
+    customer_id = _ref(payload, "CustomerRef")
+    if customer_id is None:
+        raise missing("CustomerRef")
+    customer = company.customers.get(customer_id)
+    if customer is None:
+        raise invalid_reference("Customer", customer_id)
+    _check_length("PrivateNote", payload.get("PrivateNote"))
+    if "TotalAmt" not in payload:
+        raise missing("TotalAmt")
+    total = Decimal(payload["TotalAmt"])
+    applied: list[tuple[JSON, str, Decimal]] = []
+    net = Decimal(0)
+    for n, line in enumerate(payload.get("Line") or [], start=1):
+        links = line.get("LinkedTxn") or []
+        if len(links) != 1 or "Amount" not in line:
+            raise validation(
+                "2010",
+                "Request has invalid or unsupported property",
+                f"Line[{n}]: [kiki fake] one LinkedTxn and an Amount per line",
+            )
+        amount = Decimal(line["Amount"])
+        kind, txn_id = links[0].get("TxnType"), str(links[0].get("TxnId"))
+        table = {"Invoice": company.invoices, "CreditMemo": company.credit_memos}.get(kind)
+        target = table.get(txn_id) if table is not None else None
+        if target is None:
+            raise invalid_reference(str(kind), txn_id)
+        if target["CustomerRef"]["value"] != customer_id:
+            raise business(f"Line[{n}]: {kind} {txn_id} belongs to another customer.")
+        if amount <= 0 or amount > target["Balance"]:
+            raise business(
+                f"Line[{n}]: the amount {amount} is more than the open balance of {kind} "
+                f"{txn_id} ({target['Balance']})."
+            )
+        applied.append((target, kind, amount))
+        net += amount if kind == "Invoice" else -amount
+    if not applied:
+        raise missing("Line")
+    if net != total:
+        raise business(
+            f"[kiki fake] TotalAmt {total} is not what the lines apply ({net}: invoices less "
+            "credit memos)."
+        )
+    payment_id = company.new_id()
+    for target, kind, amount in applied:
+        target["Balance"] -= amount
+        if kind == "CreditMemo":
+            target["RemainingCredit"] -= amount
+        target.setdefault("LinkedTxn", []).append({"TxnId": payment_id, "TxnType": "Payment"})
+        target["SyncToken"] = str(int(target["SyncToken"]) + 1)
+    payment: JSON = {
+        **_entity(payment_id, app.clock()),
+        "CustomerRef": {"value": customer_id, "name": customer["DisplayName"]},
+        "TxnDate": payload.get("TxnDate")
+        or datetime.fromtimestamp(app.clock(), UTC).astimezone(PACIFIC).date().isoformat(),
+        "CurrencyRef": payload.get("CurrencyRef") or customer["CurrencyRef"],
+        "TotalAmt": total,
+        "UnappliedAmt": Decimal(0),
+        "PrivateNote": payload.get("PrivateNote"),
+        "Line": payload.get("Line"),
+    }
+    company.payments[payment_id] = {k: v for k, v in payment.items() if v is not None}
+    app.count_created("payment")
+    return {"Payment": company.payments[payment_id]}
+
+
+def create_invoice(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
+    if req.query_value("operation") == "void":
+        return void_invoice(app, req)
+    company = app.company(req)
+    payload = _schema("Invoice", req.params)
+    doc = _sales_document(app, company, payload, "Invoice", company.invoices)
+    customer_id, customer, currency, number, total = (
+        doc.customer_id,
+        doc.customer,
+        doc.currency,
+        doc.number,
+        doc.total,
+    )
+    stored_lines = list(doc.lines)
     if "TotalAmt" in payload and Decimal(payload["TotalAmt"]) != total:
         raise business(f"TotalAmt {payload['TotalAmt']} is not the sum of the lines ({total}).")
     stored_lines.append(
@@ -680,6 +886,7 @@ _QUERY = re.compile(
 _LITERAL = r"'(?:[^'\\]|\\.)*'|true|false|\d+"
 _CONDITION = re.compile(
     rf"\s*(?P<field>\w+)\s*(?:(?P<eq>=)\s*(?P<value>{_LITERAL})"
+    rf"|(?P<like>like)\s*(?P<pattern>'(?:[^'\\]|\\.)*')"
     rf"|(?P<in>in)\s*\((?P<values>\s*(?:{_LITERAL})(?:\s*,\s*(?:{_LITERAL}))*)\s*\))\s*",
     re.IGNORECASE,
 )
@@ -737,7 +944,14 @@ def query(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
             "4000", "Error parsing query", f"QueryParserError: Encountered an error in {text!r}"
         )
     entity = parsed.group("entity")
-    entity = next((e for e in (*NAME_LISTS, "Invoice") if e.lower() == entity.lower()), entity)
+    entity = next(
+        (
+            e
+            for e in (*NAME_LISTS, "Invoice", "CreditMemo", "Payment")
+            if e.lower() == entity.lower()
+        ),
+        entity,
+    )
     rows = list(company.table(entity).values())
     filters_active = False
     for condition in _split_and(parsed.group("where") or "") if parsed.group("where") else []:
@@ -749,6 +963,14 @@ def query(app: FakeQuickBooksApp, req: ProviderRequest) -> JSON:
                 f"QueryParserError: Encountered an error near {condition.strip()!r}",
             )
         field_name = found.group("field")
+        if found.group("like"):
+            # NOTE: QBO's LIKE takes % as its only wildcard.
+            pattern = str(_literal(found.group("pattern")))
+            regex = re.compile(
+                "".join(".*" if ch == "%" else re.escape(ch) for ch in pattern), re.IGNORECASE
+            )
+            rows = [row for row in rows if regex.fullmatch(str(row.get(field_name) or ""))]
+            continue
         if found.group("eq"):
             wanted = [_literal(found.group("value"))]
         else:
@@ -838,6 +1060,10 @@ class FakeQuickBooksApp(FakeProviderApp):
         Route("POST", f"{API}/invoice", create_invoice),
         Route("GET", f"{API}/invoice/{{id}}", _read("Invoice")),
         Route("POST", f"{API}/invoice/{{id}}/send", send_invoice),
+        Route("POST", f"{API}/creditmemo", create_credit_memo),
+        Route("GET", f"{API}/creditmemo/{{id}}", _read("CreditMemo")),
+        Route("POST", f"{API}/payment", create_payment),
+        Route("GET", f"{API}/payment/{{id}}", _read("Payment")),
         Route("POST", f"{API}/query", query),
         Route("GET", f"{API}/query", query),
     )
@@ -856,7 +1082,13 @@ class FakeQuickBooksApp(FakeProviderApp):
         "access_token_lifetime",
     )
     _JSON_ROUTES: ClassVar[frozenset[str]] = frozenset(
-        {f"{API}/customer", f"{API}/item", f"{API}/invoice"}
+        {
+            f"{API}/customer",
+            f"{API}/item",
+            f"{API}/invoice",
+            f"{API}/creditmemo",
+            f"{API}/payment",
+        }
     )
 
     def __init__(
@@ -1024,6 +1256,8 @@ class FakeQuickBooksApp(FakeProviderApp):
                     "items": list(company.items.values()),
                     "accounts": list(company.accounts.values()),
                     "invoices": list(company.invoices.values()),
+                    "credit_memos": list(company.credit_memos.values()),
+                    "payments": list(company.payments.values()),
                     "emails": company.emails,
                     "token_grants": self.token_grants,
                 }

@@ -1,9 +1,11 @@
 """A local, stateful, Stripe-compatible fake server that honours ``Idempotency-Key``.
 
 It speaks the part of Stripe's v1 REST API (API version 2023-08-16) that an invoicing client uses:
-customers, draft invoices, invoice items, finalize, pay, send, void. Responses are shaped like
-Stripe's (checked against the OpenAPI spec in ``tests/test_support_fake_stripe.py``), errors are
-``{"error": {"type", "message", "param", "code"}}``, and every response has a ``Request-Id``.
+customers, draft invoices, invoice items, finalize, pay, send, void, credit notes (pre- and
+post-payment, with the customer's credit balance applied to the next invoice finalized).
+Responses are shaped like Stripe's (checked against the OpenAPI spec in
+``tests/test_support_fake_stripe.py``), errors are ``{"error": {"type", "message", "param",
+"code"}}``, and every response has a ``Request-Id``.
 
 The server, faults, rate limits, request record and idempotency store come from
 :mod:`tests.support.fake_provider`; this module holds Stripe's semantics. Idempotency works as
@@ -493,6 +495,7 @@ class FakeStripeState:
             """Invoice id -> number of ``/send`` calls."""
             self.days_until_due: dict[str, int] = {}
             """Invoice id -> ``days_until_due`` (not a field of Stripe's invoice object)."""
+            self.credit_notes: dict[str, JSON] = {}
             self._counter = 0
 
     def new_id(self, prefix: str, length: int = 24) -> str:
@@ -1023,7 +1026,16 @@ def _finalize(app: FakeStripeApp, invoice: JSON, auto_advance: bool | None) -> N
     invoice["status"] = "open"
     invoice["status_transitions"]["finalized_at"] = now
     invoice["effective_at"] = now
-    invoice["ending_balance"] = invoice["starting_balance"]
+    # NOTE: a customer's credit balance (negative) "will be automatically applied to their next
+    # invoice when it's finalized" (2023-08-16 spec, credit_amount of POST /v1/credit_notes):
+    # starting_balance is the balance before, ending_balance after, amount_due what is left.
+    starting = customer["balance"]
+    applied = min(max(-starting, 0), invoice["amount_due"])
+    customer["balance"] = starting + applied
+    invoice["starting_balance"] = starting
+    invoice["ending_balance"] = customer["balance"]
+    invoice["amount_due"] -= applied
+    invoice["amount_remaining"] -= applied
     invoice["hosted_invoice_url"] = f"https://invoice.stripe.com/i/kiki_fake/{invoice['id']}"
     invoice["invoice_pdf"] = f"https://pay.stripe.com/invoice/kiki_fake/{invoice['id']}/pdf"
     if invoice["collection_method"] == "send_invoice":
@@ -1325,6 +1337,263 @@ def retrieve_invoice_item(app: FakeStripeApp, req: ProviderRequest) -> JSON:
     return app.render_item(item, expand)
 
 
+# -- credit notes ----------------------------------------------------------------------------
+
+CREDIT_NOTE_REASONS = ("duplicate", "fraudulent", "order_change", "product_unsatisfactory")
+
+
+def _credit_note_lines(app: FakeStripeApp, invoice: JSON, p: Params) -> list[JSON]:
+    """The ``lines`` of a credit note request, each with its amount in minor units."""
+    raw = p.data.get("lines")
+    if raw is None or raw == "":
+        return []
+    items = as_list(raw) if not isinstance(raw, list) else raw
+    if items is None:
+        raise StripeAPIError(400, "Invalid lines: must be a list", param="lines")
+    lines = []
+    invoice_lines = {line["id"]: line for line in app.state.invoice_lines[invoice["id"]]}
+    for index, item in enumerate(items):
+        param = f"lines[{index}]"
+        if not isinstance(item, Mapping):
+            raise StripeAPIError(400, f"Invalid {param}: must be an object", param=param)
+        line = Params(
+            item,
+            {
+                "type",
+                "amount",
+                "description",
+                "invoice_line_item",
+                "quantity",
+                "unit_amount",
+                "unit_amount_decimal",
+                "tax_rates",
+            },
+        )
+        kind = line.choice("type", ("custom_line_item", "invoice_line_item"))
+        if kind is None:
+            raise _missing(f"{param}[type]")
+        if kind == "invoice_line_item":
+            ref = line.text("invoice_line_item")
+            if ref is None or ref not in invoice_lines:
+                raise StripeAPIError(
+                    400, f"No such invoice line item on {invoice['id']}: {ref}", param=param
+                )
+            amount = line.integer("amount")
+            amount = invoice_lines[ref]["amount"] if amount is None else amount
+            description = invoice_lines[ref]["description"]
+        else:
+            quantity = line.integer("quantity", minimum=1)
+            unit = line.integer("unit_amount")
+            if unit is None:
+                raise StripeAPIError(
+                    400,
+                    "A custom_line_item needs unit_amount (unit_amount_decimal is not modelled).",
+                    param=f"{param}[unit_amount]",
+                    code="parameter_missing",
+                )
+            description = line.text("description")
+            if not description:
+                raise _missing(f"{param}[description]")
+            amount = unit * (quantity or 1)
+        if amount <= 0:
+            raise StripeAPIError(400, f"Invalid {param}: amount must be positive", param=param)
+        lines.append({"type": kind, "amount": amount, "description": description})
+    return lines
+
+
+def create_credit_note(app: FakeStripeApp, req: ProviderRequest) -> JSON:
+    """``POST /v1/credit_notes``: credit a finalized invoice, as the 2023-08-16 API does.
+
+    Open invoice (pre-payment): the total lowers ``amount_due``/``amount_remaining`` (no more
+    than is remaining; the invoice is paid once nothing is); refund, credit and out-of-band
+    amounts are refused. Paid invoice (post-payment): the total is at most what was paid and not
+    credited yet, and ``credit_amount`` (to the customer's balance, applied to their next
+    invoice) plus ``out_of_band_amount`` must equal it (refunds are not modelled).
+    """
+    p = Params(
+        req.params,
+        {
+            "invoice",
+            "lines",
+            "amount",
+            "credit_amount",
+            "refund_amount",
+            "refund",
+            "out_of_band_amount",
+            "memo",
+            "metadata",
+            "reason",
+            "effective_at",
+        },
+    )
+    _check_expand(p.expand(), set())
+    st, now = app.state, int(app.clock())
+    invoice_id = p.text("invoice", required=True) or ""
+    invoice = _get_invoice(app, invoice_id, status=400)
+    if invoice["status"] not in ("open", "paid"):
+        raise StripeAPIError(
+            400,
+            f"You can only create credit notes for open or paid invoices; {invoice_id} is "
+            f"{invoice['status']}.",
+            param="invoice",
+        )
+    lines = _credit_note_lines(app, invoice, p)
+    amount = p.integer("amount", minimum=1)
+    total = sum(line["amount"] for line in lines) if lines else amount
+    if total is None:
+        raise StripeAPIError(
+            400,
+            "You must pass either `lines` or `amount`.",
+            param="lines",
+            code="parameter_missing",
+        )
+    if lines and amount is not None and amount != total:
+        raise StripeAPIError(
+            400, f"amount {amount} does not equal the sum of the lines ({total}).", param="amount"
+        )
+    credit = p.integer("credit_amount", minimum=0) or 0
+    out_of_band = p.integer("out_of_band_amount", minimum=0) or 0
+    if p.integer("refund_amount") or p.text("refund"):
+        raise StripeAPIError(400, "Refunds are not modelled by the kiki fake.", param="refund")
+    customer = st.customers[invoice["customer"]]
+    if invoice["status"] == "open":
+        kind = "pre_payment"
+        if credit or out_of_band:
+            raise StripeAPIError(
+                400,
+                "credit_amount and out_of_band_amount apply to paid invoices only; a credit note "
+                "on an open invoice lowers its amount due.",
+                param="credit_amount" if credit else "out_of_band_amount",
+            )
+        if total > invoice["amount_remaining"]:
+            raise StripeAPIError(
+                400,
+                f"The credit note total ({total}) exceeds the invoice's amount remaining "
+                f"({invoice['amount_remaining']}).",
+                param="amount",
+            )
+        invoice["amount_due"] -= total
+        invoice["amount_remaining"] -= total
+        invoice["pre_payment_credit_notes_amount"] += total
+        if invoice["amount_remaining"] == 0:
+            invoice.update(status="paid", paid=True, next_payment_attempt=None)
+            invoice["status_transitions"]["paid_at"] = now
+    else:
+        kind = "post_payment"
+        # A paid invoice may be credited up to its total, less what credit notes took already.
+        creditable = (
+            invoice["total"]
+            - invoice["pre_payment_credit_notes_amount"]
+            - invoice["post_payment_credit_notes_amount"]
+        )
+        if total > creditable:
+            raise StripeAPIError(
+                400,
+                f"The credit note total ({total}) exceeds what is left to credit on the invoice "
+                f"({creditable}).",
+                param="amount",
+            )
+        if credit + out_of_band != total:
+            raise StripeAPIError(
+                400,
+                "The sum of refund_amount, credit_amount and out_of_band_amount "
+                f"({credit + out_of_band}) must equal the credit note total ({total}).",
+                param="credit_amount",
+            )
+        invoice["post_payment_credit_notes_amount"] += total
+        customer["balance"] -= credit
+    note_id = st.new_id("cn_")
+    count = sum(1 for n in st.credit_notes.values() if n["invoice"] == invoice_id) + 1
+    balance_txn = st.new_id("cbtxn_") if credit else None
+    note: JSON = {
+        "id": note_id,
+        "object": "credit_note",
+        "amount": total,
+        "amount_shipping": 0,
+        "created": now,
+        "currency": invoice["currency"],
+        "customer": invoice["customer"],
+        "customer_balance_transaction": balance_txn,
+        "discount_amount": 0,
+        "discount_amounts": [],
+        "effective_at": p.integer("effective_at") or now,
+        "invoice": invoice_id,
+        "lines": {
+            "object": "list",
+            "data": [
+                {
+                    "id": st.new_id("cnli_"),
+                    "object": "credit_note_line_item",
+                    "amount": line["amount"],
+                    "amount_excluding_tax": line["amount"],
+                    "description": line["description"],
+                    "discount_amount": 0,
+                    "discount_amounts": [],
+                    "livemode": False,
+                    "quantity": 1,
+                    "tax_amounts": [],
+                    "tax_rates": [],
+                    "type": line["type"],
+                    "unit_amount": line["amount"],
+                    "unit_amount_decimal": str(line["amount"]),
+                    "unit_amount_excluding_tax": str(line["amount"]),
+                }
+                for line in lines
+            ],
+            "has_more": False,
+            "url": f"/v1/credit_notes/{note_id}/lines",
+        },
+        "livemode": False,
+        "memo": p.text("memo"),
+        "metadata": p.metadata(),
+        "number": f"{invoice['number']}-CN-{count:02d}",
+        "out_of_band_amount": out_of_band or None,
+        "pdf": f"https://pay.stripe.com/credit_notes/kiki_fake/{note_id}/pdf",
+        "reason": p.choice("reason", CREDIT_NOTE_REASONS),
+        "refund": None,
+        "shipping_cost": None,
+        "status": "issued",
+        "subtotal": total,
+        "subtotal_excluding_tax": total,
+        "tax_amounts": [],
+        "total": total,
+        "total_excluding_tax": total,
+        "type": kind,
+        "voided_at": None,
+    }
+    st.credit_notes[note_id] = note
+    st.register(note_id, app.clock())
+    app.count_created("credit_note")
+    return dict(note)
+
+
+def list_credit_notes(app: FakeStripeApp, req: ProviderRequest) -> JSON:
+    """``GET /v1/credit_notes`` newest first (``invoice``, ``customer`` filters)."""
+    p = Params(req.params, {"invoice", "customer", "limit", "starting_after", "ending_before"})
+    _check_expand(p.expand(), set())
+    st = app.state
+    invoice, customer = p.text("invoice"), p.text("customer")
+    ids = [
+        i
+        for i in _newest_first(st, st.credit_notes)
+        if (invoice is None or st.credit_notes[i]["invoice"] == invoice)
+        and (customer is None or st.credit_notes[i]["customer"] == customer)
+    ]
+    return _paginate(
+        app, ids, p, "/v1/credit_notes", lambda i: dict(st.credit_notes[i]), "credit note"
+    )
+
+
+def retrieve_credit_note(app: FakeStripeApp, req: ProviderRequest) -> JSON:
+    """``GET /v1/credit_notes/{id}``."""
+    p = Params(req.params, set())
+    _check_expand(p.expand(), set())
+    note = app.state.credit_notes.get(req.path_params["id"])
+    if note is None:
+        raise _no_such("credit_note", req.path_params["id"])
+    return dict(note)
+
+
 ROUTES: list[Route] = [
     Route("POST", "/v1/customers", create_customer),
     Route("GET", "/v1/customers", list_customers),
@@ -1342,6 +1611,9 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/invoices/{invoice}/void", void_invoice),
     Route("POST", "/v1/invoiceitems", create_invoice_item),
     Route("GET", "/v1/invoiceitems/{invoiceitem}", retrieve_invoice_item),
+    Route("POST", "/v1/credit_notes", create_credit_note),
+    Route("GET", "/v1/credit_notes", list_credit_notes),
+    Route("GET", "/v1/credit_notes/{id}", retrieve_credit_note),
 ]
 """The endpoints the fake implements."""
 
@@ -1666,6 +1938,7 @@ class FakeStripeApp(FakeProviderApp):
                 for i in _newest_first(st, st.invoices)
             ],
             "invoice_items": [st.invoice_items[i] for i in _newest_first(st, st.invoice_items)],
+            "credit_notes": [st.credit_notes[i] for i in _newest_first(st, st.credit_notes)],
             "sent": dict(st.sent),
         }
 

@@ -26,6 +26,12 @@ clock). What it models, at least as strictly as Xero:
   unit amount rounded to 2 decimals, a total below zero, lengths. Totals and tax are computed at
   2 decimal places as Xero does. ``GET`` by ``InvoiceNumbers``, ``IDs``, ``Statuses``,
   ``ContactIDs`` or ``where``; line items only when paging or fetching one by id.
+- **Credit notes**: ``PUT /CreditNotes`` creates ACCRECCREDIT/ACCPAYCREDIT notes checked like
+  invoices (contact, currency, accounts, tax, a total above zero, a unique CreditNoteNumber);
+  ``PUT /CreditNotes/{id}/Allocations`` sets one against an AUTHORISED invoice of the same contact
+  and currency, never more than the credit left or the invoice's amount due (an invoice left
+  owing nothing is PAID; a note left with no credit is PAID). A part-paid or credited invoice
+  cannot be voided.
 - **Idempotency-Key** on PUT and POST, per organisation, kept a SHORT time (300 s of the fake's
   clock by default, configurable): the first answer is replayed, 200s with element errors
   included.
@@ -204,6 +210,7 @@ class Organisation:
     tax_rates: dict[str, JSON] = field(default_factory=dict)
     contacts: dict[str, JSON] = field(default_factory=dict)
     invoices: dict[str, JSON] = field(default_factory=dict)
+    credit_notes: dict[str, JSON] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.currencies.add(self.base_currency)
@@ -451,6 +458,7 @@ class FakeXeroApp(FakeProviderApp):
                     "currencies": sorted(org.currencies),
                     "contacts": list(org.contacts.values()),
                     "invoices": list(org.invoices.values()),
+                    "credit_notes": list(org.credit_notes.values()),
                 }
                 for t, org in self.organisations.items()
             },
@@ -787,12 +795,15 @@ def connections(app: FakeXeroApp, req: ProviderRequest) -> Any:
 # Accounting: reading
 # --------------------------------------------------------------------------------------------
 
-_CLAUSE = re.compile(r'\s*([A-Za-z][A-Za-z.]*)\s*==\s*"((?:[^"\\]|\\.)*)"\s*')
+_CLAUSE = re.compile(
+    r'\s*([A-Za-z][A-Za-z.]*?)\s*(==|\.StartsWith\()\s*"((?:[^"\\]|\\.)*)"\s*(?:\))?\s*'
+)
 _JOINER = re.compile(r"\s*(?:AND|&&)\s*", re.IGNORECASE)
 
 
 def parse_where(text: str) -> list[tuple[str, str]]:
-    """``Field=="value" AND Other=="x"`` as pairs; anything else is Xero's query error."""
+    """``Field=="value" AND Other.StartsWith("x")`` as pairs (a ``StartsWith`` one's field ends
+    in ``*``); anything else is Xero's query error."""
     clauses, position = [], 0
     while True:
         match = _CLAUSE.match(text, position)
@@ -800,8 +811,9 @@ def parse_where(text: str) -> list[tuple[str, str]]:
             raise XeroError(
                 400, f"The where clause could not be parsed: {text!r}", code="QueryParseException"
             )
-        value = re.sub(r"\\(.)", r"\1", match.group(2))
-        clauses.append((match.group(1), value))
+        value = re.sub(r"\\(.)", r"\1", match.group(3))
+        prefix = match.group(2) != "=="
+        clauses.append((match.group(1) + ("*" if prefix else ""), value))
         position = match.end()
         if position == len(text):
             return clauses
@@ -822,9 +834,11 @@ def _field(obj: Mapping[str, Any], dotted: str) -> Any:
 
 def _matches_where(obj: Mapping[str, Any], clauses: list[tuple[str, str]]) -> bool:
     # NOTE: Xero's where equality on strings ignores case.
-    return all(
-        str(_field(obj, name) or "").casefold() == value.casefold() for name, value in clauses
-    )
+    def holds(name: str, value: str) -> bool:
+        held = str(_field(obj, name.rstrip("*")) or "").casefold()
+        return held.startswith(value.casefold()) if name.endswith("*") else held == value.casefold()
+
+    return all(holds(name, value) for name, value in clauses)
 
 
 def _org(app: FakeXeroApp, req: ProviderRequest) -> Organisation:
@@ -1331,6 +1345,12 @@ def _update_invoice(
         errors.append(
             f"Invoice not of valid status for modification ({invoice['Status']} to {status})."
         )
+    elif status == "VOIDED" and (invoice["Payments"] or invoice["CreditNotes"]):
+        # NOTE: a part-paid invoice (or one with a credit note allocated) cannot be voided until
+        # the payments and allocations are removed (Xero's Invoices and Payments docs).
+        errors.append(
+            "[kiki fake] This invoice has payments or credit notes allocated and cannot be voided."
+        )
     if errors:
         return None
 
@@ -1342,6 +1362,217 @@ def _update_invoice(
         return invoice
 
     return commit
+
+
+# --------------------------------------------------------------------------------------------
+# Credit notes and their allocations
+# --------------------------------------------------------------------------------------------
+
+
+def build_credit_note(
+    app: FakeXeroApp, org: Organisation, element: JSON, errors: list[str], req: ProviderRequest
+) -> Callable[[], JSON] | None:
+    """An ACCRECCREDIT (or ACCPAYCREDIT) credit note, checked as Xero checks an invoice."""
+    if element.get("CreditNoteID"):
+        errors.append("[kiki fake] the fake creates credit notes; it does not update them.")
+        return None
+    kind = element.get("Type")
+    if kind not in ("ACCRECCREDIT", "ACCPAYCREDIT"):
+        errors.append("Credit note Type must be ACCRECCREDIT or ACCPAYCREDIT.")
+        return None
+    status = element.get("Status", "DRAFT")
+    if status not in ("DRAFT", "SUBMITTED", "AUTHORISED"):
+        errors.append(f"Credit note cannot be created with status {status}.")
+    contact_id = str((element.get("Contact") or {}).get("ContactID") or "").lower()
+    contact = org.contacts.get(contact_id) if contact_id else None
+    if contact is None:
+        errors.append("A valid Contact must be specified for a credit note.")
+    currency = str(element.get("CurrencyCode") or org.base_currency).upper()
+    if currency not in org.currencies:
+        errors.append(f"Organisation is not subscribed to currency {currency}")
+    today = datetime.fromtimestamp(app.now(), UTC).date()
+    issued = _parse_day(element["Date"]) if "Date" in element else today
+    if issued is None:
+        errors.append("[kiki fake] Date is not a date (YYYY-MM-DD or /Date(ms)/).")
+    number = element.get("CreditNoteNumber")
+    if number is None:
+        number = f"CN-{sum(1 for n in org.credit_notes.values() if n['Type'] == kind) + 1:04d}"
+    if len(str(number)) > 255:
+        errors.append("Credit Note Number must not be more than 255 characters long.")
+    if any(
+        n["Type"] == kind and str(n["CreditNoteNumber"]).casefold() == str(number).casefold()
+        for n in org.credit_notes.values()
+    ):
+        errors.append("[kiki fake] Credit Note # must be unique.")
+    amount_types = element.get("LineAmountTypes", "Exclusive")
+    items = element.get("LineItems") or []
+    if not items and status == "AUTHORISED":
+        errors.append("[kiki fake] An approved credit note needs at least one line item.")
+    lines = [
+        _line(
+            org,
+            item,
+            errors,
+            kind="ACCREC" if kind == "ACCRECCREDIT" else "ACCPAY",
+            status=status,
+            amount_types=amount_types,
+            unit_places=4 if req.query_value("unitdp") == "4" else 2,
+        )
+        for item in items
+    ]
+    line_total = sum((line["LineAmount"] for line in lines), start=Decimal("0.00"))
+    total_tax = sum((line["TaxAmount"] for line in lines), start=Decimal("0.00"))
+    if amount_types == "Inclusive":
+        sub_total, total = line_total - total_tax, line_total
+    else:
+        sub_total, total = line_total, line_total + total_tax
+    if total <= 0:
+        errors.append("[kiki fake] A credit note must total more than zero.")
+    if errors:
+        return None
+
+    def commit() -> JSON:
+        assert contact is not None and issued is not None
+        note_id = app.new_uuid()
+        for line in lines:
+            line["LineItemID"] = app.new_uuid()
+        note: JSON = {
+            "Type": kind,
+            "CreditNoteID": note_id,
+            "CreditNoteNumber": str(number),
+            "Reference": element.get("Reference", ""),
+            "Contact": {
+                k: contact[k] for k in ("ContactID", "ContactNumber", "Name") if k in contact
+            },
+            "DateString": f"{issued.isoformat()}T00:00:00",
+            "Date": day_date(issued),
+            "Status": status,
+            "LineAmountTypes": amount_types,
+            "LineItems": lines,
+            "SubTotal": sub_total,
+            "TotalTax": total_tax,
+            "Total": total,
+            "RemainingCredit": total,
+            "Allocations": [],
+            "Payments": [],
+            "CurrencyCode": currency,
+            "CurrencyRate": Decimal("1.0000000000"),
+            "HasAttachments": False,
+            "HasErrors": False,
+            "UpdatedDateUTC": ms_date(app.now()),
+        }
+        org.credit_notes[note_id] = note
+        app.count_created("credit_note")
+        return note
+
+    return commit
+
+
+def put_credit_notes(app: FakeXeroApp, req: ProviderRequest) -> Any:
+    return _write(app, req, "CreditNotes", build_credit_note)
+
+
+def get_credit_notes(app: FakeXeroApp, req: ProviderRequest) -> JSON:
+    found = list(_org(app, req).credit_notes.values())
+    where = req.query_value("where")
+    if where:
+        clauses = parse_where(where)
+        found = [n for n in found if _matches_where(n, clauses)]
+    return app.envelope("CreditNotes", found)
+
+
+def get_credit_note(app: FakeXeroApp, req: ProviderRequest) -> JSON:
+    note = _org(app, req).credit_notes.get(req.path_params["CreditNoteID"].lower())
+    if note is None:
+        raise XeroError(404, "not found")
+    return app.envelope("CreditNotes", [note])
+
+
+def put_allocations(app: FakeXeroApp, req: ProviderRequest) -> Any:
+    """Allocate a credit note against invoices, as Xero checks it: approved documents of the
+    same contact and currency, an amount no more than the credit left or the invoice's due."""
+    org = _org(app, req)
+    note = org.credit_notes.get(req.path_params["CreditNoteID"].lower())
+    if note is None:
+        raise XeroError(404, "not found")
+
+    def build(
+        app: FakeXeroApp, org: Organisation, element: JSON, errors: list[str], req: Any
+    ) -> Callable[[], JSON] | None:
+        invoice_id = str((element.get("Invoice") or {}).get("InvoiceID") or "").lower()
+        invoice = org.invoices.get(invoice_id)
+        amount = Decimal(str(element.get("Amount", "0")))
+        on = _parse_day(element.get("Date", ""))
+        if invoice is None:
+            errors.append(f"Invoice with ID {invoice_id} could not be found.")
+            return None
+        if note["Status"] != "AUTHORISED":
+            errors.append("Only AUTHORISED credit notes can be allocated.")
+        if invoice["Status"] != "AUTHORISED":
+            errors.append(f"Invoice is {invoice['Status']}: only AUTHORISED invoices take credit.")
+        if invoice["Contact"]["ContactID"] != note["Contact"]["ContactID"]:
+            errors.append("The credit note and the invoice must be for the same contact.")
+        if invoice["CurrencyCode"] != note["CurrencyCode"]:
+            errors.append("The credit note and the invoice must be in the same currency.")
+        if (invoice["Type"], note["Type"]) not in (
+            ("ACCREC", "ACCRECCREDIT"),
+            ("ACCPAY", "ACCPAYCREDIT"),
+        ):
+            errors.append("[kiki fake] A credit note is allocated to an invoice of its own kind.")
+        if on is None:
+            errors.append("Allocation Date must be a date.")
+        if amount <= 0 or _places(amount) > 2:
+            errors.append("Allocation Amount must be more than zero, at most 2 decimal places.")
+        if amount > note["RemainingCredit"]:
+            errors.append(
+                f"The amount {amount} exceeds the credit note's remaining credit "
+                f"({note['RemainingCredit']})."
+            )
+        if amount > invoice["AmountDue"]:
+            errors.append(
+                f"The amount {amount} exceeds the invoice's amount due ({invoice['AmountDue']})."
+            )
+        if errors:
+            return None
+
+        def commit() -> JSON:
+            assert invoice is not None and on is not None
+            allocation = {
+                "AllocationID": app.new_uuid(),
+                "Amount": amount,
+                "Date": day_date(on),
+                "Invoice": {
+                    "InvoiceID": invoice["InvoiceID"],
+                    "InvoiceNumber": invoice["InvoiceNumber"],
+                },
+                "CreditNote": {
+                    "CreditNoteID": note["CreditNoteID"],
+                    "CreditNoteNumber": note["CreditNoteNumber"],
+                },
+            }
+            note["Allocations"].append(allocation)
+            note["RemainingCredit"] -= amount
+            if note["RemainingCredit"] == 0:
+                note["Status"] = "PAID"
+            invoice["CreditNotes"].append(
+                {
+                    "CreditNoteID": note["CreditNoteID"],
+                    "CreditNoteNumber": note["CreditNoteNumber"],
+                    "AppliedAmount": amount,
+                }
+            )
+            invoice["AmountCredited"] += amount
+            invoice["AmountDue"] -= amount
+            if invoice["AmountDue"] == 0:
+                invoice["Status"] = "PAID"
+                invoice["FullyPaidOnDate"] = day_date(on)
+            now = ms_date(app.now())
+            note["UpdatedDateUTC"] = invoice["UpdatedDateUTC"] = now
+            return allocation
+
+        return commit
+
+    return _write(app, req, "Allocations", build)
 
 
 def put_contacts(app: FakeXeroApp, req: ProviderRequest) -> Any:
@@ -1367,6 +1598,10 @@ FakeXeroApp.routes = (
     Route("PUT", f"{PREFIX}/Invoices", put_invoices),
     Route("POST", f"{PREFIX}/Invoices", put_invoices),
     Route("GET", f"{PREFIX}/Invoices/{{InvoiceID}}", get_invoice),
+    Route("GET", f"{PREFIX}/CreditNotes", get_credit_notes),
+    Route("PUT", f"{PREFIX}/CreditNotes", put_credit_notes),
+    Route("GET", f"{PREFIX}/CreditNotes/{{CreditNoteID}}", get_credit_note),
+    Route("PUT", f"{PREFIX}/CreditNotes/{{CreditNoteID}}/Allocations", put_allocations),
 )
 
 

@@ -13,7 +13,9 @@ WSDL it is given (78.0 by default; ``--wsdl`` for another), and is at least as s
   ...``: ``=``, ``!=``, ``like``, ``and`` before ``or``, no parentheses), checks
   every field against the WSDL (``INVALID_FIELD``), answers ``done``/``queryLocator``/
   ``records`` (typed with ``xsi:type``) and pages after ``QueryOptions.batchSize`` (2000);
-- ``create`` (Account, Contact) and ``update`` (Account, Contact) with Zuora's rules: required
+- ``create`` (Account, Contact, InvoiceItemAdjustment) and ``update`` (Account, Contact, an
+  Invoice's Status: unpost Posted -> Draft without payments or adjustments, cancel a Draft) with
+  Zuora's rules (an adjustment per item, only toward a zero balance): required
   fields, a unique AccountNumber (``DUPLICATE_VALUE``), the tenant's currencies, payment terms
   and batches, an account activated only with a bill-to and sold-to contact of its own; at most
   50 objects a call; ``CallOptions.useSingleTransaction``: all or nothing;
@@ -359,6 +361,7 @@ class Tenant:
     invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
     invoice_items: dict[str, dict[str, Any]] = field(default_factory=dict)
     payments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    adjustments: dict[str, dict[str, Any]] = field(default_factory=dict)
     numbers: Counter[str] = field(default_factory=Counter)
 
     def table(self, zobject: str) -> dict[str, dict[str, Any]] | None:
@@ -372,6 +375,7 @@ class Tenant:
             "Invoice": self.invoices,
             "InvoiceItem": self.invoice_items,
             "Payment": self.payments,
+            "InvoiceItemAdjustment": self.adjustments,
         }.get(zobject)
 
 
@@ -672,6 +676,7 @@ class FakeZuoraApp(FakeProviderApp):
                 for inv in t.invoices.values()
             ],
             "payments": _plain(list(t.payments.values())),
+            "adjustments": _plain(list(t.adjustments.values())),
             "sessions": len(self.sessions),
             "failed_logins": dict(self.failed_logins),
             "schema_rejections": list(self.rejected),
@@ -928,16 +933,129 @@ class FakeZuoraApp(FakeProviderApp):
     # -- create and update --------------------------------------------------------------------
 
     def create(self, call: SoapCall) -> FakeResponse:
-        """``create()`` of Accounts and Contacts."""
+        """``create()`` of Accounts, Contacts and InvoiceItemAdjustments."""
         return self._save(
-            call, "create", {"Account": self._create_account, "Contact": self._create_contact}
+            call,
+            "create",
+            {
+                "Account": self._create_account,
+                "Contact": self._create_contact,
+                "InvoiceItemAdjustment": self._create_adjustment,
+            },
         )
 
     def update(self, call: SoapCall) -> FakeResponse:
-        """``update()`` of Accounts and Contacts."""
+        """``update()`` of Accounts, Contacts and an Invoice's Status."""
         return self._save(
-            call, "update", {"Account": self._update_account, "Contact": self._update_contact}
+            call,
+            "update",
+            {
+                "Account": self._update_account,
+                "Contact": self._update_contact,
+                "Invoice": self._update_invoice,
+            },
         )
+
+    def _update_invoice(self, values: dict[str, Any]) -> str:
+        """An invoice's status: Posted -> Draft (unpost), Draft -> Canceled or Posted.
+
+        NOTE: an invoice is unposted only without payments or adjustments (Zuora's "Unpost
+        invoice" rules), and only a Draft one is canceled.
+        """
+        invoice = self._existing(self.tenant.invoices, values, "Invoice")
+        if set(values) - {"Id", "Status"}:
+            raise ResultError(
+                "INVALID_VALUE", "[kiki fake] only an invoice's Status can be updated.", "Status"
+            )
+        status, current = values.get("Status"), invoice["Status"]
+        allowed = {"Posted": {"Draft"}, "Draft": {"Canceled", "Posted"}}
+        if status not in allowed.get(current, set()):
+            raise ResultError(
+                "INVALID_VALUE",
+                f"An invoice in status {current} cannot be changed to {status}.",
+                "Status",
+            )
+        adjusted = any(a["InvoiceId"] == invoice["Id"] for a in self.tenant.adjustments.values())
+        if status == "Draft" and (invoice["PaymentAmount"] or adjusted):
+            raise ResultError(
+                "INVALID_VALUE",
+                "An invoice with payments or adjustments applied cannot be unposted.",
+                "Status",
+            )
+        account = self.tenant.accounts[invoice["AccountId"]]
+        if status == "Canceled":
+            account["Balance"] -= invoice["Balance"]
+            invoice["Balance"] = Decimal(0)
+        invoice.update(Status=status, UpdatedDate=self._now())
+        return str(invoice["Id"])
+
+    def _create_adjustment(self, values: dict[str, Any]) -> str:
+        """An InvoiceItemAdjustment, by Zuora's rules.
+
+        NOTE: required AdjustmentDate (not before the invoice's date), Amount (positive), Type
+        (Credit or Charge), SourceType and SourceId (an item of the invoice), one adjustment per
+        item; the invoice must be Posted, and its balance can only be adjusted toward zero ("You
+        cannot create an Adjustment that changes the invoice balance from positive to negative",
+        Zuora's community knowledge base).
+        """
+        _no_id(values)
+        for name in ("AdjustmentDate", "Amount", "Type", "SourceType", "SourceId"):
+            _required(values, name)
+        invoice = self.tenant.invoices.get(values.get("InvoiceId") or "")
+        if invoice is None:
+            raise ResultError("INVALID_ID", "Invalid invoice id.", "InvoiceId")
+        if values["SourceType"] != "InvoiceDetail":
+            raise ResultError(
+                "INVALID_VALUE", "[kiki fake] SourceType InvoiceDetail only.", "SourceType"
+            )
+        item = self.tenant.invoice_items.get(values["SourceId"])
+        if item is None or item["InvoiceId"] != invoice["Id"]:
+            raise ResultError("INVALID_ID", "SourceId is not an item of the invoice.", "SourceId")
+        if invoice["Status"] != "Posted":
+            raise ResultError("INVALID_VALUE", "Only posted invoices can be adjusted.", "InvoiceId")
+        if values["Type"] not in ("Credit", "Charge"):
+            raise ResultError("INVALID_VALUE", "Type must be Credit or Charge.", "Type")
+        amount = values["Amount"]
+        exponent = CURRENCIES[self.tenant.accounts[invoice["AccountId"]]["Currency"]]
+        if amount <= 0 or amount != amount.quantize(Decimal(1).scaleb(-exponent)):
+            raise ResultError("INVALID_VALUE", "Amount must be positive, in minor units.", "Amount")
+        if values["AdjustmentDate"] < invoice["InvoiceDate"]:
+            raise ResultError(
+                "INVALID_VALUE",
+                "The adjustment date must be on or after the invoice date.",
+                "AdjustmentDate",
+            )
+        if any(
+            a["SourceId"] == item["Id"] and a["Status"] != "Canceled"
+            for a in self.tenant.adjustments.values()
+        ):
+            raise ResultError(
+                "INVALID_VALUE",
+                "[kiki fake] The invoice item has an adjustment already (one per item).",
+                "SourceId",
+            )
+        if values["Type"] == "Credit" and amount > min(invoice["Balance"], item["ChargeAmount"]):
+            raise ResultError(
+                "INVALID_VALUE",
+                "You cannot create an Adjustment that changes the invoice balance from positive "
+                "to negative (or credits more than the item).",
+                "Amount",
+            )
+        self.tenant.numbers["adjustment"] += 1
+        record = self._new_record(
+            values,
+            AccountId=invoice["AccountId"],
+            AdjustmentNumber=f"IIA-{self.tenant.numbers['adjustment']:08d}",
+            InvoiceNumber=invoice["InvoiceNumber"],
+            Status="Processed",
+        )
+        self.tenant.adjustments[record["Id"]] = record
+        delta = -amount if values["Type"] == "Credit" else amount
+        invoice["Balance"] += delta
+        invoice["AdjustmentAmount"] = invoice.get("AdjustmentAmount", Decimal(0)) + delta
+        self.tenant.accounts[invoice["AccountId"]]["Balance"] += delta
+        invoice["UpdatedDate"] = self._now()
+        return str(record["Id"])
 
     def _save(
         self,

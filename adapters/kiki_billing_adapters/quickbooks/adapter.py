@@ -12,13 +12,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from functools import cache
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 from kiki_billing.plugin import (
     BillingAdapter,
     ConfigurationError,
+    Correction,
+    CorrectionAction,
     DeliveryError,
     Invoice,
     RateLimit,
@@ -38,6 +40,7 @@ from .settings import MINOR_VERSION, QuickBooksClientSettings, QuickBooksSetting
 from .webhooks import read_quickbooks_events, verify_quickbooks_signature
 from .wire import (
     CONCURRENCY,
+    CREDIT_MEMO_ID,
     CUSTOMER_CURRENCY,
     CUSTOMER_ID,
     EMAIL_SENT,
@@ -51,18 +54,30 @@ from .wire import (
     MAX_LINE_DESCRIPTION,
     REQUESTS_PER_MINUTE,
     REQUESTS_PER_SECOND,
+    SYNC_TOKEN,
+    VOIDED_NOTE,
     account_query,
+    applied_marker,
+    credit_marker,
+    credit_memo_number,
+    credit_memo_query,
     customer_query,
     display_name,
     doc_number,
     invoice_owner,
     invoice_query,
     item_query,
+    payments_query,
+    period_invoices_query,
     qbo_amount,
+    still_due,
     to_json_text,
+    to_qbo_credit_application,
+    to_qbo_credit_memo,
     to_qbo_customer,
     to_qbo_invoice,
     to_qbo_item,
+    to_qbo_void,
     to_remote_invoice,
 )
 
@@ -243,7 +258,7 @@ class QuickBooksAdapter(BillingAdapter[QuickBooksSettings, QuickBooksClientSetti
             TerminalError: A number too long for DocNumber, a name, description or email over
                 QBO's length limits, a ':' in the customer name, or ``send`` without an email.
         """
-        doc_number(invoice.number)
+        doc_number(invoice.number, invoice.revision)
         for line in invoice.lines:
             qbo_amount(line.fee, invoice.currency)
             if len(line.description) > MAX_LINE_DESCRIPTION:
@@ -440,7 +455,7 @@ class QuickBooksAdapter(BillingAdapter[QuickBooksSettings, QuickBooksClientSetti
     # invoice
 
     def _lookup_invoice(self, ctx: QuickBooksContext) -> Mapping[str, str] | None:
-        number = doc_number(ctx.invoice.number)
+        number = doc_number(ctx.invoice.number, ctx.invoice.revision)
         for found in self._query(invoice_query(number), "Invoice"):
             owner = invoice_owner(found, ctx.invoice)
             if owner == "ours":
@@ -495,7 +510,7 @@ class QuickBooksAdapter(BillingAdapter[QuickBooksSettings, QuickBooksClientSetti
         One query, whatever ``refs`` say: the query by DocNumber returns the recorded invoice
         with any duplicate (a company may take duplicate DocNumbers).
         """
-        number = doc_number(invoice.number)
+        number = doc_number(invoice.number, invoice.revision)
         # NOTE: CurrencyRef comes with every invoice of a multicurrency company; without it an
         # invoice is in the home currency, which the customer's currency (recorded when it
         # was found or made) or else the invoice's own stands for.
@@ -514,6 +529,127 @@ class QuickBooksAdapter(BillingAdapter[QuickBooksSettings, QuickBooksClientSetti
         """Verify ``intuit-signature`` on the raw body, then read its invoice changes."""
         verify_quickbooks_signature(headers, body, secret)
         return read_quickbooks_events(body, {self.settings.realm_id: self.account})
+
+    def remote_period_invoices(self, period: str) -> list[RemoteInvoice]:
+        """Every QBO invoice whose DocNumber starts with the period's prefix (one query)."""
+        prefix = doc_number(f"KIKI-OaaS-{period.replace('-', '')}-")
+        # NOTE: a multicurrency company answers CurrencyRef on every invoice; without it the
+        # currency is the company's home one, which reconcile reads from the ledger instead.
+        return [
+            to_remote_invoice(found, "")
+            for found in self._query(period_invoices_query(prefix), "Invoice")
+        ]
+
+    # -- corrections --------------------------------------------------------------------------
+
+    def correction_steps(
+        self, correction: Correction, client: QuickBooksClientSettings
+    ) -> Sequence[QuickBooksStep]:
+        """Void, or a credit memo of the revision's lines applied to what it still owes.
+
+        NOTE: ``POST /invoice?operation=void`` with the invoice's Id and SyncToken zeroes its
+        amounts and puts "Voided" in its PrivateNote (Intuit's Invoice API reference, void); QBO
+        refuses it for an invoice with payments linked. A paid or part-paid one gets a
+        ``CreditMemo`` (Finance.xsd), applied to its balance by a Payment of 0 linking both.
+        """
+        if correction.action is CorrectionAction.VOID:
+            return [
+                Step(
+                    "void",
+                    request=lambda ctx: StepRequest(
+                        "POST",
+                        self._path("invoice?operation=void"),
+                        to_qbo_void(
+                            ctx.refs.get(INVOICE_ID, "{invoice_id}"),
+                            ctx.refs.get(SYNC_TOKEN, "{sync_token}"),
+                        ),
+                    ),
+                    send=self._send_void,
+                    lookup=self._lookup_void,
+                )
+            ]
+        steps = [
+            Step(
+                "credit-memo",
+                request=lambda ctx: StepRequest(
+                    "POST",
+                    self._path("creditmemo"),
+                    to_qbo_credit_memo(correction, ctx.client, ctx.refs),
+                ),
+                send=self._send_credit_memo,
+                lookup=partial(self._lookup_credit_memo, correction=correction),
+            )
+        ]
+        due = still_due(correction)
+        if due > 0:
+            steps.append(
+                Step(
+                    "apply-credit",
+                    request=lambda ctx: StepRequest(
+                        "POST",
+                        self._path("payment"),
+                        to_qbo_credit_application(correction, due, ctx.refs),
+                    ),
+                    send=self._send_application,
+                    lookup=partial(self._lookup_application, correction=correction),
+                    new_under="credit-memo",
+                )
+            )
+        return steps
+
+    def _send_void(self, ctx: QuickBooksContext, request: StepRequest) -> Mapping[str, str]:
+        body = to_json_text(request.payload)
+        result = self._call(
+            lambda qb: qb.create_object(
+                "Invoice", body, request_id=ctx.idempotency_key, params={"operation": "void"}
+            )
+        )
+        return {"voided_invoice_id": str(result["Invoice"]["Id"])}
+
+    def _lookup_void(self, ctx: QuickBooksContext) -> Mapping[str, str] | None:
+        invoice_id = _invoice_id(ctx)
+        result = self._call(lambda qb: qb.get_single_object("Invoice", pk=invoice_id))
+        found = result["Invoice"]
+        if str(found.get("PrivateNote") or "").startswith(VOIDED_NOTE):
+            return {"voided_invoice_id": invoice_id}
+        return None
+
+    def _send_credit_memo(self, ctx: QuickBooksContext, request: StepRequest) -> Mapping[str, str]:
+        created = self._create("CreditMemo", request, ctx.idempotency_key)
+        return {CREDIT_MEMO_ID: str(created["Id"]), "credit_memo_number": str(created["DocNumber"])}
+
+    def _lookup_credit_memo(
+        self, ctx: QuickBooksContext, *, correction: Correction
+    ) -> Mapping[str, str] | None:
+        number = credit_memo_number(correction.invoice)
+        marker = credit_marker(correction.invoice)
+        for found in self._query(credit_memo_query(number), "CreditMemo"):
+            if marker in str(found.get("PrivateNote") or ""):
+                return {CREDIT_MEMO_ID: str(found["Id"]), "credit_memo_number": number}
+        return None
+
+    def _send_application(self, ctx: QuickBooksContext, request: StepRequest) -> Mapping[str, str]:
+        created = self._create("Payment", request, ctx.idempotency_key)
+        return {"credit_applied_by": str(created["Id"])}
+
+    def _lookup_application(
+        self, ctx: QuickBooksContext, *, correction: Correction
+    ) -> Mapping[str, str] | None:
+        invoice_id = _invoice_id(ctx)
+        result = self._call(lambda qb: qb.get_single_object("Invoice", pk=invoice_id))
+        linked = [
+            str(txn["TxnId"])
+            for txn in result["Invoice"].get("LinkedTxn") or []
+            if txn.get("TxnType") == "Payment"
+        ]
+        if not linked:
+            return None
+        ctx.throttle()  # the payments are a second request
+        marker = applied_marker(correction.invoice)
+        for payment in self._query(payments_query(linked), "Payment"):
+            if marker in str(payment.get("PrivateNote") or ""):
+                return {"credit_applied_by": str(payment["Id"])}
+        return None
 
     # -- errors -----------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from kiki_billing.plugin import (
     MONEY_CONTEXT,
     AmountLimitError,
+    Correction,
     InputError,
     Invoice,
     InvoiceLine,
@@ -24,6 +25,7 @@ from kiki_billing.plugin import (
     RemoteInvoice,
     TerminalError,
     currency_exponent,
+    revision_number,
 )
 
 from .settings import QuickBooksClientSettings
@@ -35,6 +37,8 @@ ITEM_NAME = "item_name"
 INCOME_ACCOUNT_ID = "income_account_id"
 INVOICE_ID = "invoice_id"
 INVOICE_EMAIL_STATUS = "invoice_email_status"
+SYNC_TOKEN = "sync_token"  # noqa: S105 - the name of a ref, not a secret
+CREDIT_MEMO_ID = "credit_memo_id"
 EMAIL_SENT = "EmailSent"
 
 # NOTE: DocNumber holds at most 21 characters in QBO (Finance.xsd, Transaction/DocNumber:
@@ -66,20 +70,57 @@ REQUESTS_PER_MINUTE = 500
 CONCURRENCY = 10
 
 
-def doc_number(invoice_number: str) -> str:
+def doc_number(invoice_number: str, revision: int = 0) -> str:
     """The invoice number as a QuickBooks DocNumber (the CSV export's 21-character form).
 
+    ``OaaS-202601-000042`` for revision 0, ``OaaS-202601-000042-R1`` from revision 1: a
+    superseded revision keeps its DocNumber (voided or credited), so each revision needs its own.
+
     Raises:
-        TerminalError: It does not fit in 21 characters even without ``KIKI-``.
+        TerminalError: It does not fit in 21 characters even without ``KIKI-`` (revisions above
+            9 do not).
     """
     short = invoice_number.removeprefix(DOC_NUMBER_PREFIX)
+    if revision:
+        short = f"{short}-R{revision}"
     if len(short) > DOC_NUMBER_MAX:
         raise TerminalError(
-            f"invoice number {invoice_number!r} does not fit QuickBooks' "
-            f"{DOC_NUMBER_MAX}-character DocNumber",
+            f"invoice number {revision_number(invoice_number, revision)!r} does not fit "
+            f"QuickBooks' {DOC_NUMBER_MAX}-character DocNumber",
             code="DocNumber",
         )
     return short
+
+
+def credit_memo_number(invoice: Invoice) -> str:
+    """The DocNumber of the credit memo that credits a revision: ``OaaS-...-C<revision>``.
+
+    (``-CN`` after a revision's ``-R1`` would not fit QBO's 21 characters.)
+
+    Raises:
+        TerminalError: It does not fit in 21 characters.
+    """
+    short = f"{invoice.number.removeprefix(DOC_NUMBER_PREFIX)}-C{invoice.revision}"
+    if len(short) > DOC_NUMBER_MAX:
+        raise TerminalError(
+            f"credit memo number {short!r} does not fit QuickBooks' {DOC_NUMBER_MAX}-character "
+            "DocNumber",
+            code="DocNumber",
+        )
+    return short
+
+
+def credit_marker(invoice: Invoice) -> str:
+    """What identifies the credit memo of a revision in its PrivateNote."""
+    return f"kiki-billing credit note for invoice {invoice.number} revision {invoice.revision},"
+
+
+def applied_marker(invoice: Invoice) -> str:
+    """What identifies the payment that applies that credit memo, in its PrivateNote."""
+    return (
+        f"kiki-billing applies the credit note of invoice {invoice.number} revision "
+        f"{invoice.revision}"
+    )
 
 
 def display_name(invoice: Invoice) -> str:
@@ -157,6 +198,9 @@ def to_remote_invoice(found: Mapping[str, Any], currency: str) -> RemoteInvoice:
     total = _decimal(found.get("TotalAmt"))
     held = str((found.get("CurrencyRef") or {}).get("value") or currency).upper()
     refs = {INVOICE_ID: str(found["Id"])}
+    if found.get("SyncToken") is not None:
+        # NOTE: an update (a void) must name the SyncToken the object has now (5010 otherwise).
+        refs[SYNC_TOKEN] = str(found["SyncToken"])
     customer = (found.get("CustomerRef") or {}).get("value")
     if customer:
         refs[CUSTOMER_ID] = str(customer)
@@ -263,7 +307,7 @@ def to_qbo_invoice(
     """
     item_id = refs.get(ITEM_ID, "{item_id}")
     payload: dict[str, Any] = {
-        "DocNumber": doc_number(invoice.number),
+        "DocNumber": doc_number(invoice.number, invoice.revision),
         "TxnDate": invoice.issue_date.isoformat(),
         "DueDate": invoice.due_date.isoformat(),
         "PrivateNote": private_note(invoice),
@@ -274,6 +318,89 @@ def to_qbo_invoice(
     if invoice.client_email:
         payload["BillEmail"] = {"Address": invoice.client_email}
     return payload
+
+
+def to_qbo_void(invoice_id: str, sync_token: str) -> dict[str, Any]:
+    """``POST /invoice?operation=void``: the invoice's Id and current SyncToken."""
+    return {"Id": invoice_id, "SyncToken": sync_token}
+
+
+def to_qbo_credit_memo(
+    correction: Correction, client: QuickBooksClientSettings, refs: Mapping[str, str]
+) -> dict[str, Any]:
+    """``POST /creditmemo``: the superseded revision's lines, on the same customer and item.
+
+    Numbered :func:`credit_memo_number`, its PrivateNote names the revision it credits
+    (:func:`credit_marker`): together the natural key its look-up uses.
+    """
+    credited, replacement = correction.invoice, correction.replacement
+    item_id = refs.get(ITEM_ID, "{item_id}")
+    return {
+        "DocNumber": credit_memo_number(credited),
+        "TxnDate": replacement.issue_date.isoformat(),
+        "PrivateNote": f"{credit_marker(credited)} replaced by {replacement.document_number}",
+        "CustomerRef": {"value": refs.get(CUSTOMER_ID, "{customer_id}")},
+        "CurrencyRef": {"value": credited.currency},
+        "Line": [to_qbo_line(credited, line, item_id, client) for line in credited.lines],
+    }
+
+
+def to_qbo_credit_application(
+    correction: Correction, amount: Decimal, refs: Mapping[str, str]
+) -> dict[str, Any]:
+    """``POST /payment`` of nothing that applies the credit memo to the credited invoice.
+
+    NOTE: QBO applies a credit memo to an invoice through a Payment whose TotalAmt is 0 and
+    whose lines link the invoice and the credit memo with the same amount (Intuit's Payment
+    entity: Line.LinkedTxn of TxnType Invoice and CreditMemo).
+    """
+    credited = correction.invoice
+    return {
+        "CustomerRef": {"value": refs.get(CUSTOMER_ID, "{customer_id}")},
+        "TotalAmt": Decimal("0.00"),
+        "CurrencyRef": {"value": credited.currency},
+        "TxnDate": correction.replacement.issue_date.isoformat(),
+        "PrivateNote": applied_marker(credited),
+        "Line": [
+            {
+                "Amount": amount,
+                "LinkedTxn": [
+                    {"TxnId": refs.get(INVOICE_ID, "{invoice_id}"), "TxnType": "Invoice"}
+                ],
+            },
+            {
+                "Amount": amount,
+                "LinkedTxn": [
+                    {"TxnId": refs.get(CREDIT_MEMO_ID, "{credit_memo_id}"), "TxnType": "CreditMemo"}
+                ],
+            },
+        ],
+    }
+
+
+def still_due(correction: Correction) -> Decimal:
+    """What the credit memo is applied against: the credited invoice's balance when decided."""
+    return correction.still_due.quantize(AMOUNT_QUANTUM)
+
+
+def credit_memo_query(number: str) -> str:
+    """Finds credit memos by DocNumber."""
+    return f"select * from CreditMemo where DocNumber = {quote(number)}"  # noqa: S608
+
+
+def payments_query(payment_ids: list[str]) -> str:
+    """Finds payments by Id."""
+    listed = ", ".join(quote(i) for i in payment_ids)
+    return f"select * from Payment where Id in ({listed})"  # noqa: S608
+
+
+def period_invoices_query(prefix: str) -> str:
+    """Every invoice whose DocNumber starts with a period's prefix (``OaaS-202601-``).
+
+    NOTE: LIKE takes ``%`` as the only wildcard in QBO's query language (UNVERIFIED for
+    DocNumber on every company).
+    """
+    return f"select * from Invoice where DocNumber like {quote(prefix + '%')} maxresults 1000"  # noqa: S608
 
 
 def quote(value: str) -> str:

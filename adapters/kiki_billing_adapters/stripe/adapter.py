@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from kiki_billing.plugin import (
     AmountLimitError,
     BillingAdapter,
+    Correction,
+    CorrectionAction,
     DeliveryError,
     Invoice,
     InvoiceLine,
+    PaymentState,
     RateLimit,
     RateWindow,
     RemoteInvoice,
@@ -47,13 +50,17 @@ from .wire import (
     MAX_ITEM_DESCRIPTION,
     TEST_RATE,
     carries,
+    credit_parts,
     customer_search_query,
     invoice_description,
     invoice_search_query,
     invoice_total_minor,
+    is_credit_part,
     line_item_ref,
+    period_search_query,
     stripe_amount,
     to_remote_invoice,
+    to_stripe_credit_note,
     to_stripe_customer,
     to_stripe_finalize,
     to_stripe_invoice,
@@ -419,6 +426,133 @@ class StripeAdapter(BillingAdapter[StripeSettings, StripeClientSettings]):
         verify_stripe_signature(headers, body, secret, now)
         return [read_stripe_event(body)]
 
+    def remote_period_invoices(self, period: str) -> list[RemoteInvoice]:
+        """Every Stripe invoice whose metadata names the period (a Search, read-only).
+
+        NOTE: Search shows an object up to a minute after it changed (stripe.com/docs/search):
+        an invoice made in the last minute may be missing here.
+        """
+        searched = _search_pages(
+            lambda params: self.client.v1.invoices.search(
+                params=cast(Any, {"query": period_search_query(period), **params})
+            )
+        )
+        return [
+            to_remote_invoice(item)
+            for item in searched
+            if (item.get("metadata") or {}).get("kiki_invoice_number")
+        ]
+
+    def recorded_payment_state(self, refs: Mapping[str, str]) -> PaymentState | None:
+        """The Stripe status the last step recorded (``paid`` after collecting at once)."""
+        status = refs.get(INVOICE_STATUS)
+        if status in ("draft", "open", "paid", "void", "uncollectible"):
+            return PaymentState(status)
+        return None
+
+    # -- corrections --------------------------------------------------------------------------
+
+    def correction_steps(
+        self, correction: Correction, client: StripeClientSettings
+    ) -> Sequence[StripeStep]:
+        """Void (a draft: delete), or credit notes for what was due and what was paid.
+
+        NOTE: Stripe voids open or uncollectible invoices only and deletes drafts ("You can only
+        delete draft invoices"); a paid invoice takes credit notes (2023-08-16 spec,
+        ``POST /v1/invoices/{invoice}/void``, ``DELETE /v1/invoices/{invoice}``,
+        ``POST /v1/credit_notes``).
+        """
+        invoice_id = correction.refs.get(INVOICE_ID, "{invoice_id}")
+        remote = correction.remote
+        if correction.action is CorrectionAction.VOID:
+            if remote is not None and remote.state is PaymentState.DRAFT:
+                return [
+                    Step(
+                        "delete-draft",
+                        request=lambda ctx: StepRequest("DELETE", f"/v1/invoices/{invoice_id}"),
+                        send=self._send_delete,
+                        lookup=self._lookup_deleted,
+                    )
+                ]
+            return [
+                Step(
+                    "void",
+                    request=lambda ctx: StepRequest("POST", f"/v1/invoices/{invoice_id}/void"),
+                    send=self._send_void,
+                    lookup=self._lookup_void,
+                )
+            ]
+        return [
+            Step(
+                f"credit-{part}",
+                request=partial(_credit_request, correction=correction, part=part, amount=amount),
+                send=self._send_credit,
+                lookup=partial(self._lookup_credit, correction=correction, part=part),
+            )
+            for part, amount in credit_parts(correction)
+        ]
+
+    def _send_void(self, ctx: StripeContext, request: StepRequest) -> Mapping[str, str]:
+        voided = self.client.v1.invoices.void_invoice(
+            _invoice_id(ctx), options={"idempotency_key": ctx.idempotency_key}
+        )
+        return {"voided_invoice_id": str(voided.id), INVOICE_STATUS: str(voided.status)}
+
+    def _lookup_void(self, ctx: StripeContext) -> Mapping[str, str] | None:
+        invoice = _plain(self.client.v1.invoices.retrieve(_invoice_id(ctx)))
+        if invoice.get("status") != "void":
+            return None
+        return {"voided_invoice_id": str(invoice["id"]), INVOICE_STATUS: "void"}
+
+    def _send_delete(self, ctx: StripeContext, request: StepRequest) -> Mapping[str, str]:
+        import stripe
+
+        invoice_id = _invoice_id(ctx)
+        try:
+            self.client.v1.invoices.delete(invoice_id)
+        except stripe.InvalidRequestError as exc:
+            # NOTE: DELETE takes no Idempotency-Key (Stripe reads it on POST only): a retry after
+            # a lost answer finds the draft gone (404 resource_missing), which is what was asked.
+            if exc.http_status != 404:
+                raise
+        return {"deleted_invoice_id": invoice_id}
+
+    def _lookup_deleted(self, ctx: StripeContext) -> Mapping[str, str] | None:
+        import stripe
+
+        invoice_id = _invoice_id(ctx)
+        try:
+            self.client.v1.invoices.retrieve(invoice_id)
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                return {"deleted_invoice_id": invoice_id}
+            raise
+        # Still there: a draft is deleted now; one finalized meanwhile refuses the delete, and
+        # the next run reads it open and voids it instead.
+        return None
+
+    def _send_credit(self, ctx: StripeContext, request: StepRequest) -> Mapping[str, str]:
+        note = self.client.v1.credit_notes.create(
+            params=cast(Any, dict(request.payload)),
+            options={"idempotency_key": ctx.idempotency_key},
+        )
+        return {"credit_note_id": str(note.id), "credit_note_number": str(note.number or "")}
+
+    def _lookup_credit(
+        self, ctx: StripeContext, *, correction: Correction, part: str
+    ) -> Mapping[str, str] | None:
+        # NOTE: the list is read-after-write (Search is not), filtered on the invoice.
+        pages = _paginate(
+            lambda params: self.client.v1.credit_notes.list(
+                params=cast(Any, {"invoice": _invoice_id(ctx), **params})
+            ),
+            ctx.throttle,
+        )
+        for note in pages:
+            if is_credit_part(note, correction, part):
+                return {"credit_note_id": str(note["id"]), "credit_note_number": note["number"]}
+        return None
+
     # -- errors -----------------------------------------------------------------------------
 
     def classify(self, error: Exception) -> DeliveryError:
@@ -465,6 +599,15 @@ def _line_request(ctx: StripeContext, *, line: InvoiceLine) -> StepRequest:
     return StepRequest(
         "POST", "/v1/invoiceitems", to_stripe_invoice_item(ctx.invoice, line, ctx.refs)
     )
+
+
+def _credit_request(
+    ctx: StripeContext, *, correction: Correction, part: str, amount: int
+) -> StepRequest:
+    params = to_stripe_credit_note(
+        correction, part, amount, ctx.refs.get(INVOICE_ID, "{invoice_id}")
+    )
+    return StepRequest("POST", "/v1/credit_notes", params)
 
 
 def _skip_collect(ctx: StripeContext) -> Mapping[str, str] | None:

@@ -14,11 +14,13 @@ from typing import Any
 from kiki_billing.plugin import (
     MONEY_CONTEXT,
     AmountLimitError,
+    Correction,
     InputError,
     Invoice,
     InvoiceLine,
     PaymentState,
     RemoteInvoice,
+    credit_note_number,
     currency_exponent,
 )
 
@@ -149,8 +151,12 @@ def to_stripe_customer(invoice: Invoice) -> dict[str, Any]:
 
 
 def invoice_description(invoice: Invoice) -> str:
-    """The memo shown on the Stripe invoice."""
-    text = f"Profit share {invoice.period}, invoice {invoice.number}"
+    """The memo shown on the Stripe invoice: our number, with ``-R<n>`` from revision 1.
+
+    NOTE: Stripe numbers its invoices itself (the customer's prefix and a sequence); ours is in
+    the description and the metadata (``kiki_invoice_number`` and ``kiki_revision``).
+    """
+    text = f"Profit share {invoice.period}, invoice {invoice.document_number}"
     return f"{text} (revision {invoice.revision})" if invoice.revision else text
 
 
@@ -289,6 +295,79 @@ def stripe_payment_state(found: Mapping[str, Any]) -> PaymentState:
     return PaymentState.OPEN
 
 
+CREDIT_DUE = "due"
+"""The part of a credit that lowers what is still due (a pre-payment credit note)."""
+CREDIT_PAID = "paid"
+"""The part of a credit that returns what was paid to the customer's credit balance."""
+
+
+def credit_parts(correction: Correction) -> list[tuple[str, int]]:
+    """The credit notes that credit a superseded revision in full, in minor units.
+
+    A Stripe credit note on an open invoice may not exceed what remains due and carries no
+    customer credit; one on a paid invoice must put its whole total somewhere (2023-08-16 spec,
+    ``POST /v1/credit_notes``). So what is unpaid is credited first (the invoice is then paid),
+    then what was paid goes to the customer's credit balance, which Stripe applies to the next
+    invoice finalized: the new revision. Both amounts come from the invoice's total and what was
+    paid of it, which crediting does not change, so a re-run plans the same notes.
+    """
+    remote = correction.remote
+    assert remote is not None
+    currency = correction.invoice.currency
+    paid = stripe_amount(min(remote.amount_paid, remote.total), currency)
+    due = stripe_amount(remote.total, currency) - paid
+    return [(part, amount) for part, amount in ((CREDIT_DUE, due), (CREDIT_PAID, paid)) if amount]
+
+
+def to_stripe_credit_note(
+    correction: Correction, part: str, amount_minor: int, invoice_id: str
+) -> dict[str, Any]:
+    """``POST /v1/credit_notes`` params: one part of the credit of a superseded revision.
+
+    One custom line for the part's amount, a memo naming what it credits and what replaces it,
+    and metadata by which the look-up finds it (``kiki_credits`` and ``kiki_part``).
+    """
+    credited, replacement = correction.invoice, correction.replacement
+    what = "paid" if part == CREDIT_PAID else "due"
+    params: dict[str, Any] = {
+        "invoice": invoice_id,
+        "lines": [
+            {
+                "type": "custom_line_item",
+                "description": f"Credit ({what}) for invoice {credited.document_number}, "
+                f"replaced by {replacement.document_number}",
+                "quantity": 1,
+                "unit_amount": amount_minor,
+            }
+        ],
+        "memo": f"Credits invoice {credited.document_number} (profit share {credited.period}) in "
+        f"full; replaced by {replacement.document_number}",
+        # NOTE: 2023-08-16 enum: duplicate, fraudulent, order_change, product_unsatisfactory;
+        # a corrected profit share changes what was ordered.
+        "reason": "order_change",
+        "metadata": {
+            "kiki_invoice_number": credited.number,
+            "kiki_credited_revision": str(credited.revision),
+            "kiki_credits": credit_note_number(credited),
+            "kiki_part": part,
+            "kiki_replaced_by": replacement.document_number,
+        },
+    }
+    if part == CREDIT_PAID:
+        params["credit_amount"] = amount_minor
+    return params
+
+
+def is_credit_part(found: Mapping[str, Any], correction: Correction, part: str) -> bool:
+    """Whether a Stripe credit note is this part of this correction (by its metadata)."""
+    metadata = found.get("metadata") or {}
+    return bool(
+        metadata.get("kiki_credits") == credit_note_number(correction.invoice)
+        and metadata.get("kiki_part") == part
+        and found.get("status") != "void"
+    )
+
+
 def to_remote_invoice(found: Mapping[str, Any]) -> RemoteInvoice:
     """A Stripe invoice (as listed or searched) as the hub reads it back."""
     currency = str(found["currency"]).upper()
@@ -310,10 +389,28 @@ def to_remote_invoice(found: Mapping[str, Any]) -> RemoteInvoice:
         number=str(found["number"]) if found.get("number") else None,
         currency=currency,
         total=from_stripe_amount(int(found.get("total") or 0), currency),
-        amount_paid=from_stripe_amount(int(found.get("amount_paid") or 0), currency),
+        amount_paid=from_stripe_amount(paid_minor(found), currency),
         state=stripe_payment_state(found),
         due_date=_epoch_date(due) if due else None,
     )
+
+
+def paid_minor(found: Mapping[str, Any]) -> int:
+    """What has been paid of a Stripe invoice: payments and the customer credit applied to it.
+
+    NOTE: the customer's credit balance lowers ``amount_due`` when the invoice is finalized
+    (``starting_balance`` before, ``ending_balance`` after) and is not counted in
+    ``amount_paid``; an invoice settled by credit is paid all the same.
+    """
+    applied = 0
+    if found.get("ending_balance") is not None:
+        applied = int(found.get("ending_balance") or 0) - int(found.get("starting_balance") or 0)
+    return int(found.get("amount_paid") or 0) + max(applied, 0)
+
+
+def period_search_query(period: str) -> str:
+    """The Stripe Search query for every invoice of ours for a period (``YYYY-MM``)."""
+    return f"metadata['kiki_period']:'{period}'"
 
 
 def _epoch_date(seconds: int) -> date:

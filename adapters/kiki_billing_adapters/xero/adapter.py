@@ -14,6 +14,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
@@ -21,8 +22,11 @@ from kiki_billing.plugin import (
     AmountLimitError,
     BillingAdapter,
     ConfigurationError,
+    Correction,
+    CorrectionAction,
     DeliveryError,
     Invoice,
+    PaymentState,
     RateLimit,
     RateWindow,
     RemoteInvoice,
@@ -32,6 +36,7 @@ from kiki_billing.plugin import (
     TerminalError,
     TransientError,
     WebhookEvent,
+    credit_note_number,
 )
 
 from .errors import CORRELATION_HEADER, XeroHTTPError, classify_xero_error
@@ -53,18 +58,28 @@ from .wire import (
     MAX_INVOICE_NUMBER,
     MAX_LINE_DESCRIPTION,
     MINUTE_LIMIT,
+    allocations_path,
     contact_lookup_path,
     contacts_create_path,
+    credit_note_lookup_path,
+    credit_note_path,
+    credit_notes_create_path,
     decode_json,
     element_errors,
     encode_json,
     invoice_lookup_path,
+    invoice_path,
     invoices_create_path,
     number_revision,
     only_element,
+    period_invoices_path,
+    still_due,
     to_remote_invoice,
+    to_xero_allocation,
     to_xero_contact,
+    to_xero_credit_note,
     to_xero_invoice,
+    to_xero_status_change,
     xero_amount,
     xero_invoice_number,
     xero_total,
@@ -369,10 +384,11 @@ class XeroAdapter(BillingAdapter[XeroSettings, XeroClientSettings]):
         number = xero_invoice_number(invoice)
         answer = self._call("GET", invoice_lookup_path(number))
         return [
-            to_remote_invoice(found, invoice)
+            to_remote_invoice(found, invoice.number)
             for found in answer.body.get("Invoices") or []
             if found.get("Type") == "ACCREC"
-            and number_revision(str(found.get("InvoiceNumber", "")), invoice) == invoice.revision
+            and number_revision(str(found.get("InvoiceNumber", "")), invoice.number)
+            == invoice.revision
             and found.get("Status") not in GONE_STATUSES
         ]
 
@@ -387,6 +403,165 @@ class XeroAdapter(BillingAdapter[XeroSettings, XeroClientSettings]):
         """
         verify_xero_signature(headers, body, secret)
         return read_xero_events(body, self.account)
+
+    def remote_period_invoices(self, period: str) -> list[RemoteInvoice]:
+        """Every ACCREC invoice whose number starts with the period's prefix (one read)."""
+        prefix = f"KIKI-OaaS-{period.replace('-', '')}-"
+        answer = self._call("GET", period_invoices_path(prefix))
+        found = []
+        for item in answer.body.get("Invoices") or []:
+            number = str(item.get("InvoiceNumber") or "")
+            if item.get("Status") in GONE_STATUSES or not number.startswith(prefix):
+                continue
+            found.append(to_remote_invoice(item, number.partition("-R")[0]))
+        return found
+
+    def recorded_payment_state(self, refs: Mapping[str, str]) -> PaymentState | None:
+        """The invoice's Xero status the delivery recorded."""
+        return {
+            "DRAFT": PaymentState.DRAFT,
+            "SUBMITTED": PaymentState.DRAFT,
+            "AUTHORISED": PaymentState.OPEN,
+            "PAID": PaymentState.PAID,
+            "VOIDED": PaymentState.VOID,
+        }.get(refs.get(INVOICE_STATUS, ""))
+
+    # -- corrections --------------------------------------------------------------------------
+
+    def correction_steps(
+        self, correction: Correction, client: XeroClientSettings
+    ) -> Sequence[XeroStep]:
+        """Void (a draft: delete), or an ACCRECCREDIT credit note allocated to the invoice.
+
+        NOTE: an unpaid AUTHORISED invoice can only be VOIDED, a DRAFT or SUBMITTED one DELETED
+        (PROVIDERS.md); a paid or part-paid one is credited with a credit note (``PUT
+        /CreditNotes``) allocated against what it still owes (``PUT
+        /CreditNotes/{CreditNoteID}/Allocations``, xero_accounting.yaml 16.1.0).
+        """
+        invoice_id = correction.refs.get(INVOICE_ID, "{invoice_id}")
+        if correction.action is CorrectionAction.VOID:
+            remote = correction.remote
+            draft = remote is not None and remote.state is PaymentState.DRAFT
+            status = "DELETED" if draft else "VOIDED"
+            return [
+                Step(
+                    "delete" if draft else "void",
+                    request=lambda ctx: StepRequest(
+                        "POST", invoices_create_path(), to_xero_status_change(invoice_id, status)
+                    ),
+                    send=partial(self._send_status, status=status),
+                    lookup=partial(self._lookup_status, invoice_id=invoice_id),
+                )
+            ]
+        steps = [
+            Step(
+                "credit-note",
+                request=lambda ctx: StepRequest(
+                    "PUT",
+                    credit_notes_create_path(),
+                    to_xero_credit_note(
+                        correction, ctx.client, ctx.refs.get(CONTACT_ID, "{contact_id}")
+                    ),
+                ),
+                send=self._send_credit_note,
+                lookup=partial(self._lookup_credit_note, correction=correction),
+            )
+        ]
+        due = still_due(correction)
+        if due > 0:
+            steps.append(
+                Step(
+                    "allocate",
+                    request=lambda ctx: StepRequest(
+                        "PUT",
+                        allocations_path(ctx.refs.get(CREDIT_NOTE_ID, "{credit_note_id}")),
+                        to_xero_allocation(invoice_id, due, correction.replacement.issue_date),
+                    ),
+                    send=self._send_allocation,
+                    lookup=partial(self._lookup_allocation, invoice_id=invoice_id),
+                    new_under="credit-note",
+                )
+            )
+        return steps
+
+    def _send_status(
+        self, ctx: XeroContext, request: StepRequest, *, status: str
+    ) -> Mapping[str, str]:
+        answer = self._call(request.method, request.path, request.payload, ctx.idempotency_key)
+        changed = only_element(answer.body, "Invoices")
+        problems = element_errors(changed)
+        if problems:
+            raise TerminalError(
+                f"Xero refused to set invoice {changed.get('InvoiceID')} {status}: "
+                f"{'; '.join(problems)}",
+                request_id=answer.request_id,
+                code="ValidationException",
+            )
+        return {"voided_invoice_id": str(changed["InvoiceID"]), INVOICE_STATUS: status}
+
+    def _lookup_status(self, ctx: XeroContext, *, invoice_id: str) -> Mapping[str, str] | None:
+        answer = self._call("GET", invoice_path(invoice_id))
+        found = only_element(answer.body, "Invoices")
+        status = str(found.get("Status") or "")
+        if status in CANCELLED_STATUSES:
+            return {"voided_invoice_id": invoice_id, INVOICE_STATUS: status}
+        return None
+
+    def _send_credit_note(self, ctx: XeroContext, request: StepRequest) -> Mapping[str, str]:
+        if CONTACT_ID not in ctx.refs:
+            raise TerminalError("the credit note needs contact_id, which no step recorded")
+        answer = self._call(request.method, request.path, request.payload, ctx.idempotency_key)
+        created = only_element(answer.body, "CreditNotes")
+        problems = element_errors(created)
+        if problems:
+            raise TerminalError(
+                f"Xero refused credit note {created.get('CreditNoteNumber')}: "
+                f"{'; '.join(problems)}",
+                request_id=answer.request_id,
+                code="ValidationException",
+            )
+        return _credit_note_refs(created)
+
+    def _lookup_credit_note(
+        self, ctx: XeroContext, *, correction: Correction
+    ) -> Mapping[str, str] | None:
+        number = credit_note_number(correction.invoice)
+        answer = self._call("GET", credit_note_lookup_path(number))
+        for note in answer.body.get("CreditNotes") or []:
+            if (
+                str(note.get("CreditNoteNumber", "")).casefold() == number.casefold()
+                and note.get("Status") not in CANCELLED_STATUSES
+            ):
+                return _credit_note_refs(note)
+        return None
+
+    def _send_allocation(self, ctx: XeroContext, request: StepRequest) -> Mapping[str, str]:
+        answer = self._call(request.method, request.path, request.payload, ctx.idempotency_key)
+        allocation = only_element(answer.body, "Allocations")
+        problems = element_errors(allocation)
+        if problems:
+            raise TerminalError(
+                f"Xero refused the allocation: {'; '.join(problems)}",
+                request_id=answer.request_id,
+                code="ValidationException",
+            )
+        return {"allocation_id": str(allocation.get("AllocationID") or ""), "allocated": "true"}
+
+    def _lookup_allocation(self, ctx: XeroContext, *, invoice_id: str) -> Mapping[str, str] | None:
+        note_id = ctx.refs.get(CREDIT_NOTE_ID)
+        if not note_id:
+            return None
+        answer = self._call("GET", credit_note_path(note_id))
+        note = only_element(answer.body, "CreditNotes")
+        for allocation in note.get("Allocations") or []:
+            if str((allocation.get("Invoice") or {}).get("InvoiceID", "")).lower() == (
+                invoice_id.lower()
+            ):
+                return {
+                    "allocation_id": str(allocation.get("AllocationID") or ""),
+                    "allocated": "true",
+                }
+        return None
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -475,6 +650,16 @@ class _Answer:
     def __init__(self, body: Mapping[str, Any], request_id: str | None) -> None:
         self.body = body
         self.request_id = request_id
+
+
+CREDIT_NOTE_ID = "credit_note_id"
+
+
+def _credit_note_refs(note: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        CREDIT_NOTE_ID: str(note["CreditNoteID"]),
+        "credit_note_number": str(note.get("CreditNoteNumber") or ""),
+    }
 
 
 def _skip_contact(ctx: XeroContext) -> Mapping[str, str] | None:

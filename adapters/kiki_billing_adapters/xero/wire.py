@@ -18,12 +18,14 @@ from urllib.parse import quote, urlencode
 from kiki_billing.plugin import (
     MONEY_CONTEXT,
     AmountLimitError,
+    Correction,
     InputError,
     Invoice,
     InvoiceLine,
     PaymentState,
     RemoteInvoice,
     TerminalError,
+    credit_note_number,
     currency_exponent,
 )
 
@@ -94,11 +96,11 @@ def xero_invoice_number(invoice: Invoice) -> str:
     return invoice.number if invoice.revision == 0 else f"{invoice.number}-R{invoice.revision}"
 
 
-def number_revision(invoice_number: str, invoice: Invoice) -> int | None:
-    """The revision a Xero ``InvoiceNumber`` stands for, if it is one of ``invoice``'s numbers."""
-    if invoice_number.casefold() == invoice.number.casefold():
+def number_revision(invoice_number: str, base: str) -> int | None:
+    """The revision a Xero ``InvoiceNumber`` stands for, if it is one of number ``base``'s."""
+    if invoice_number.casefold() == base.casefold():
         return 0
-    found = re.fullmatch(re.escape(invoice.number) + r"-R([1-9]\d*)", invoice_number, re.I)
+    found = re.fullmatch(re.escape(base) + r"-R([1-9]\d*)", invoice_number, re.I)
     return int(found[1]) if found else None
 
 
@@ -138,6 +140,92 @@ def invoices_create_path() -> str:
 def invoice_lookup_path(number: str) -> str:
     """``GET /Invoices?InvoiceNumbers=<n>``: every invoice carrying the number."""
     return query_path("/Invoices", [("InvoiceNumbers", number)])
+
+
+def period_invoices_path(invoice_prefix: str) -> str:
+    """``GET /Invoices`` whose number starts with ``KIKI-OaaS-YYYYMM-`` (every revision)."""
+    escaped = invoice_prefix.replace("\\", "\\\\").replace('"', '\\"')
+    where = f'Type=="ACCREC" AND InvoiceNumber.StartsWith("{escaped}")'
+    return query_path("/Invoices", [("where", where)])
+
+
+def invoice_path(invoice_id: str) -> str:
+    """``GET /Invoices/{InvoiceID}``."""
+    return f"/Invoices/{quote(invoice_id, safe='{}')}"
+
+
+def credit_notes_create_path() -> str:
+    """``PUT /CreditNotes`` (creates), per-element errors in a 200."""
+    return query_path("/CreditNotes", [("summarizeErrors", "false")])
+
+
+def credit_note_lookup_path(number: str) -> str:
+    """``GET /CreditNotes`` filtered on ``CreditNoteNumber``."""
+    return query_path("/CreditNotes", [("where", where_equals("CreditNoteNumber", number))])
+
+
+def credit_note_path(credit_note_id: str) -> str:
+    """``GET /CreditNotes/{CreditNoteID}`` (with its allocations)."""
+    return f"/CreditNotes/{quote(credit_note_id, safe='{}')}"
+
+
+def allocations_path(credit_note_id: str) -> str:
+    """``PUT /CreditNotes/{CreditNoteID}/Allocations``, per-element errors in a 200."""
+    return query_path(
+        f"/CreditNotes/{quote(credit_note_id, safe='{}')}/Allocations",
+        [("summarizeErrors", "false")],
+    )
+
+
+def to_xero_status_change(invoice_id: str, status: str) -> dict[str, Any]:
+    """``POST /Invoices`` body that changes one invoice's status (``VOIDED``, ``DELETED``)."""
+    return {"Invoices": [{"InvoiceID": invoice_id, "Status": status}]}
+
+
+def to_xero_credit_note(
+    correction: Correction, client: XeroClientSettings, contact_id: str
+) -> dict[str, Any]:
+    """``PUT /CreditNotes`` body: an ACCRECCREDIT credit note of the superseded revision's lines.
+
+    The same lines, accounts and tax types as the invoice it credits, so Xero computes the
+    same tax and total; numbered :func:`~kiki_billing.plugin.credit_note_number` (its natural
+    key) and approved, so it can be allocated.
+    """
+    credited, replacement = correction.invoice, correction.replacement
+    body: dict[str, Any] = {
+        "Type": "ACCRECCREDIT",
+        "Contact": {"ContactID": contact_id},
+        "Date": _iso(replacement.issue_date),
+        "Status": "AUTHORISED",
+        "LineAmountTypes": client.line_amount_types,
+        "CreditNoteNumber": credit_note_number(credited),
+        "Reference": f"Credits {xero_invoice_number(credited)}; replaced by "
+        f"{xero_invoice_number(replacement)}",
+        "CurrencyCode": credited.currency.upper(),
+        "LineItems": [to_xero_line_item(credited, line, client) for line in credited.lines],
+    }
+    if client.branding_theme_id:
+        body["BrandingThemeID"] = client.branding_theme_id
+    return {"CreditNotes": [body]}
+
+
+def to_xero_allocation(invoice_id: str, amount: Decimal, on: date) -> dict[str, Any]:
+    """``PUT /CreditNotes/{id}/Allocations`` body: set ``amount`` against one invoice."""
+    return {
+        "Allocations": [{"Invoice": {"InvoiceID": invoice_id}, "Amount": amount, "Date": _iso(on)}]
+    }
+
+
+def still_due(correction: Correction) -> Decimal:
+    """What the credit note is allocated against the credited invoice: its total less payments.
+
+    NOTE: AmountPaid counts payments only (xero_accounting.yaml 16.1.0), so this does not change
+    when the credit note is allocated; what was paid stays on the credit note as the client's
+    credit (its RemainingCredit).
+    """
+    remote = correction.remote
+    assert remote is not None
+    return max(remote.total - remote.amount_paid, Decimal(0))
 
 
 def to_xero_contact(invoice: Invoice) -> dict[str, Any]:
@@ -331,7 +419,7 @@ def xero_payment_state(found: Mapping[str, Any]) -> PaymentState:
     return PaymentState.OPEN
 
 
-def to_remote_invoice(found: Mapping[str, Any], invoice: Invoice) -> RemoteInvoice:
+def to_remote_invoice(found: Mapping[str, Any], base: str) -> RemoteInvoice:
     """A Xero invoice (as listed) as the hub reads it back."""
     number = str(found.get("InvoiceNumber") or "")
     refs = {
@@ -342,10 +430,10 @@ def to_remote_invoice(found: Mapping[str, Any], invoice: Invoice) -> RemoteInvoi
     contact = (found.get("Contact") or {}).get("ContactID")
     if contact:
         refs[CONTACT_ID] = str(contact)
-    revision = number_revision(number, invoice)
+    revision = number_revision(number, base)
     return RemoteInvoice(
         refs=refs,
-        kiki_number=invoice.number if revision is not None else None,
+        kiki_number=base if revision is not None else None,
         kiki_revision=revision,
         number=number or None,
         currency=str(found.get("CurrencyCode") or "").upper(),

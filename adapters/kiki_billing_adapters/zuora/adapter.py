@@ -19,14 +19,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from kiki_billing.plugin import (
     BillingAdapter,
     ConfigurationError,
+    Correction,
+    CorrectionAction,
     DeliveryError,
     Invoice,
+    PaymentState,
     RateLimit,
     RateWindow,
     RemoteInvoice,
@@ -65,18 +69,26 @@ from .wire import (
     account_query,
     account_status_query,
     accounts_currency_query,
+    adjustment_query,
+    allocate,
     contact_query,
+    invoice_items_amounts_query,
     invoice_items_of_query,
     invoice_items_query,
     invoice_query,
     invoices_query,
+    item_refs,
     notes_revision,
+    period_subscriptions_query,
     subscription_name,
+    subscription_number,
     subscription_query,
     subscriptions_of_query,
     to_zuora_account,
     to_zuora_activation,
     to_zuora_contact,
+    to_zuora_credit_adjustment,
+    to_zuora_invoice_status,
     to_zuora_subscribe,
     zuora_amount,
     zuora_payment_state,
@@ -464,6 +476,234 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
             )
         return found
 
+    def remote_period_invoices(self, period: str) -> list[RemoteInvoice]:
+        """Every Zuora invoice of a subscription named after a number of the period (read-only).
+
+        Three queries: the subscriptions named ``KIKI-OaaS-YYYYMM-...``, their invoice items, the
+        invoices (and one more for the accounts' currencies).
+        """
+        subscriptions = {
+            str(s.Id): s
+            for s in self._read(period_subscriptions_query(period), first=True)
+            if subscription_number(s.Name)
+        }
+        if not subscriptions:
+            return []
+        ours: dict[str, str] = {}
+        for item in self._read(invoice_items_of_query(subscriptions)):
+            if item.InvoiceId and str(item.SubscriptionId) in subscriptions:
+                ours.setdefault(str(item.InvoiceId), str(item.SubscriptionId))
+        if not ours:
+            return []
+        invoices = self._read(invoices_query(ours))
+        accounts = {str(i.AccountId) for i in invoices}
+        currencies = {
+            str(a.Id): str(a.Currency or "").upper()
+            for a in self._read(accounts_currency_query(accounts))
+        }
+        found = []
+        for record in invoices:
+            subscription = subscriptions[ours[str(record.Id)]]
+            number = subscription_number(subscription.Name) or ""
+            revision = notes_revision(subscription.Notes, number)
+            found.append(_remote_invoice(record, subscription, currencies, number, revision or 0))
+        return found
+
+    def recorded_payment_state(self, refs: Mapping[str, str]) -> PaymentState | None:
+        """Paid when the delivery collected it (a payment id), else its recorded status."""
+        if refs.get(PAYMENT_ID):
+            return PaymentState.PAID
+        status = refs.get(INVOICE_STATUS)
+        return {"Posted": PaymentState.OPEN, "Draft": PaymentState.DRAFT}.get(status or "")
+
+    # -- corrections --------------------------------------------------------------------------
+
+    def correction_steps(
+        self, correction: Correction, client: ZuoraClientSettings
+    ) -> Sequence[ZuoraStep]:
+        """Cancel an unpaid invoice (unpost, then cancel), or credit what a paid one still owes.
+
+        NOTE: Zuora cancels only a Draft invoice, and unposts a Posted one only without payments
+        or adjustments (Zuora's "Unpost invoice" rules). SOAP 78.0 has no credit memo: what a
+        part-paid invoice still owes is credited by one InvoiceItemAdjustment per item (Type
+        Credit; an invoice's balance can only be adjusted toward zero); what was paid is set
+        against the new revision afterwards (:meth:`settlement_steps`).
+        """
+        invoice_id = correction.refs.get(INVOICE_ID, "{invoice_id}")
+        if correction.action is CorrectionAction.VOID:
+            steps = []
+            if correction.remote is None or correction.remote.state is not PaymentState.DRAFT:
+                unposted = {"Draft", "Canceled"}
+                steps.append(self._status_step("unpost", invoice_id, "Draft", unposted))
+            steps.append(self._status_step("cancel", invoice_id, "Canceled", {"Canceled"}))
+            return steps
+        if correction.still_due <= 0:
+            return []
+        comment = (
+            f"Credits what {correction.invoice.document_number} still owes; replaced by "
+            f"{correction.replacement.document_number}"
+        )
+        return self._adjustment_steps(
+            correction, "", invoice_id, len(correction.invoice.lines), comment
+        )
+
+    def settlement_steps(
+        self, correction: Correction, client: ZuoraClientSettings
+    ) -> Sequence[ZuoraStep]:
+        """Set what was paid of the credited revision against the new revision's invoice.
+
+        Credit adjustments of the new invoice's items, up to its balance when first read;
+        anything paid beyond that stays with the client (refund it, or make it a credit balance,
+        in Zuora: SOAP 78.0 cannot) and is named in the step's ids.
+        """
+        remote = correction.remote
+        if remote is None or remote.amount_paid <= 0:
+            return []
+        comment = (
+            f"Paid on {correction.invoice.document_number}, which "
+            f"{correction.replacement.document_number} replaces"
+        )
+        return self._adjustment_steps(
+            correction,
+            "settle-",
+            "{invoice_id}",
+            len(correction.replacement.lines),
+            comment,
+            limit=remote.amount_paid,
+        )
+
+    def _status_step(self, name: str, invoice_id: str, status: str, done: set[str]) -> ZuoraStep:
+        def lookup(ctx: ZuoraContext) -> Mapping[str, str] | None:
+            records = self._query(ctx, invoice_query(invoice_id), first=True)
+            if not records:
+                raise TerminalError(f"Zuora invoice {invoice_id} no longer exists")
+            held = str(records[0].Status or "")
+            if held not in done:
+                return None
+            return {INVOICE_STATUS: held, "corrected_invoice_id": invoice_id}
+
+        def send(ctx: ZuoraContext, request: StepRequest) -> Mapping[str, str]:
+            self._save(ctx, request, first=True)
+            return {INVOICE_STATUS: status, "corrected_invoice_id": invoice_id}
+
+        return Step(
+            name,
+            request=lambda ctx: self._request(
+                self.wsdl.update("Invoice", to_zuora_invoice_status(invoice_id, status))
+            ),
+            send=send,
+            lookup=lookup,
+        )
+
+    def _adjustment_steps(
+        self,
+        correction: Correction,
+        prefix: str,
+        invoice_id: str,
+        count: int,
+        comment: str,
+        *,
+        limit: Decimal | None = None,
+    ) -> list[ZuoraStep]:
+        """An ``items`` read (recorded), then one credit adjustment per item.
+
+        What is credited is the invoice's balance when first read (at most ``limit``), spread
+        over its items in order; the read is a recorded fact, so a re-run spreads it the same.
+        """
+
+        def target(ctx: ZuoraContext) -> str:
+            return invoice_id if "{" not in invoice_id else ctx.refs.get(INVOICE_ID, invoice_id)
+
+        def read_items(ctx: ZuoraContext) -> Mapping[str, str] | None:
+            held = target(ctx)
+            invoices = self._query(ctx, invoice_query(held), first=True)
+            if not invoices:
+                raise TerminalError(f"Zuora invoice {held} no longer exists")
+            ctx.throttle()  # the items are a second query
+            items = self._query(ctx, invoice_items_amounts_query(held), first=False)
+            if len(items) != count:
+                raise TerminalError(
+                    f"Zuora invoice {held} has {len(items)} items, not {count}: credit it by hand"
+                )
+            balance = _decimal(invoices[0].Balance) or Decimal(0)
+            return item_refs(prefix, items, balance)
+
+        def no_items(ctx: ZuoraContext, request: StepRequest) -> Mapping[str, str]:
+            raise TerminalError("the invoice's items were not found")  # read_items always finds
+
+        def spread(ctx: ZuoraContext) -> list[Decimal]:
+            due = Decimal(ctx.refs.get(f"{prefix}balance", "0"))
+            if limit is not None:
+                due = min(due, limit)
+            amounts = [
+                Decimal(ctx.refs.get(f"{prefix}item_{n}_amount", "0")) for n in range(1, count + 1)
+            ]
+            return allocate(due, amounts)
+
+        steps: list[ZuoraStep] = [
+            Step(
+                f"{prefix}items",
+                request=lambda ctx: self._request(
+                    self.wsdl.query(invoice_items_amounts_query(target(ctx)))
+                ),
+                send=no_items,
+                lookup=read_items,
+            )
+        ]
+        for n in range(1, count + 1):
+            steps.append(
+                Step(
+                    f"{prefix}credit-{n}",
+                    request=partial(
+                        self._adjustment_request,
+                        correction=correction,
+                        target=target,
+                        item=f"{prefix}item_{n}",
+                        spread=spread,
+                        index=n - 1,
+                        comment=comment,
+                    ),
+                    send=partial(self._send_adjustment, item=f"{prefix}item_{n}"),
+                    lookup=partial(self._lookup_adjustment, item=f"{prefix}item_{n}"),
+                    skip=partial(_nothing_to_credit, spread=spread, index=n - 1),
+                )
+            )
+        return steps
+
+    def _adjustment_request(
+        self,
+        ctx: ZuoraContext,
+        *,
+        correction: Correction,
+        target: Callable[[ZuoraContext], str],
+        item: str,
+        spread: Callable[[ZuoraContext], list[Decimal]],
+        index: int,
+        comment: str,
+    ) -> StepRequest:
+        fields = to_zuora_credit_adjustment(
+            correction,
+            target(ctx),
+            ctx.refs.get(item, "{" + item + "}"),
+            spread(ctx)[index],
+            comment=comment,
+        )
+        return self._request(self.wsdl.create("InvoiceItemAdjustment", fields))
+
+    def _send_adjustment(
+        self, ctx: ZuoraContext, request: StepRequest, *, item: str
+    ) -> Mapping[str, str]:
+        return {f"{item}_adjustment": self._save(ctx, request, first=True)}
+
+    def _lookup_adjustment(self, ctx: ZuoraContext, *, item: str) -> Mapping[str, str] | None:
+        item_id = ctx.refs.get(item)
+        if not item_id:
+            return None
+        for record in self._query(ctx, adjustment_query(item_id), first=True):
+            if str(record.Type) == "Credit" and str(record.Status or "") != "Canceled":
+                return {f"{item}_adjustment": str(record.Id)}
+        return None
+
     def _read(self, zoql: str, *, first: bool = False) -> list[Any]:
         """One query outside any step; every record, or an error when Zuora pages them."""
         result = self._post(_no_throttle, self.wsdl.query(zoql), first=first)
@@ -590,6 +830,13 @@ class ZuoraAdapter(BillingAdapter[ZuoraSettings, ZuoraClientSettings]):
             self._session = None
         if transport is not None:
             transport.session.close()
+
+
+def _nothing_to_credit(
+    ctx: ZuoraContext, *, spread: Callable[[ZuoraContext], list[Decimal]], index: int
+) -> Mapping[str, str] | None:
+    """An item the credit does not reach (the amount is spread over the items before it)."""
+    return {} if spread(ctx)[index] <= 0 else None
 
 
 def _ref(ctx: ZuoraContext, name: str) -> str:

@@ -14,9 +14,11 @@ from typing import Any
 from kiki_billing.plugin import (
     MONEY_CONTEXT,
     AmountLimitError,
+    Correction,
     InputError,
     Invoice,
     PaymentState,
+    credit_note_number,
     currency_exponent,
 )
 
@@ -170,14 +172,13 @@ def accounts_currency_query(account_ids: Iterable[str]) -> str:
     return zoql_any("Id, Currency", "Account", "Id", account_ids)
 
 
-def notes_revision(notes: str | None, invoice: Invoice) -> int | None:
-    """The revision of ``invoice`` a subscription's Notes name, if they name it.
+def notes_revision(notes: str | None, invoice: Invoice | str) -> int | None:
+    """The revision of ``invoice`` (or of that number) a subscription's Notes name, if any.
 
     The Notes are :func:`to_zuora_subscribe`'s: "... invoice <number>[ revision <n>]".
     """
-    found = re.search(
-        rf"invoice {re.escape(invoice.number)}(?: revision (?P<revision>\d+))?$", notes or ""
-    )
+    number = invoice if isinstance(invoice, str) else invoice.number
+    found = re.search(rf"invoice {re.escape(number)}(?: revision (?P<revision>\d+))?$", notes or "")
     if found is None:
         return None
     return int(found["revision"]) if found["revision"] else 0
@@ -204,6 +205,79 @@ def zuora_payment_state(status: str, amount: Decimal, balance: Decimal) -> Payme
     if balance < amount:
         return PaymentState.PARTLY_PAID
     return PaymentState.OPEN
+
+
+def period_subscriptions_query(period: str) -> str:
+    """Every subscription named after an invoice number of the period (``KIKI-OaaS-YYYYMM-``)."""
+    return (
+        "select Id, Name, AccountId, Notes, Status from Subscription where Name like "  # noqa: S608
+        + zoql_literal(f"KIKI-OaaS-{period.replace('-', '')}-%")
+    )
+
+
+_NAMED = re.compile(r"(?P<number>KIKI-OaaS-\d{6}-\d{6})-")
+
+
+def subscription_number(name: str | None) -> str | None:
+    """The invoice number a subscription's name starts with (:func:`subscription_name`)."""
+    found = _NAMED.match(name or "")
+    return found["number"] if found else None
+
+
+def invoice_items_amounts_query(invoice_id: str) -> str:
+    """An invoice's items with their amounts."""
+    return zoql_select("Id, ChargeAmount, InvoiceId", "InvoiceItem", "InvoiceId", invoice_id)
+
+
+def adjustment_query(item_id: str) -> str:
+    """The adjustments of one invoice item (at most one is made per item)."""
+    fields = "Id, Amount, InvoiceId, SourceId, Status, Type"
+    return zoql_select(fields, "InvoiceItemAdjustment", "SourceId", item_id)
+
+
+def to_zuora_invoice_status(invoice_id: str, status: str) -> dict[str, Any]:
+    """The Invoice update that changes its status (``Draft`` to unpost, ``Canceled``)."""
+    return {"Id": invoice_id, "Status": status}
+
+
+def to_zuora_credit_adjustment(
+    correction: Correction,
+    invoice_id: str,
+    item_id: str,
+    amount: Decimal,
+    *,
+    comment: str,
+) -> dict[str, Any]:
+    """A credit InvoiceItemAdjustment of one invoice item (dated the new revision's issue)."""
+    return {
+        "AdjustmentDate": correction.replacement.issue_date,
+        "Amount": zuora_amount(amount, correction.invoice.currency),
+        "Comment": comment[:MAX_NOTES],
+        "InvoiceId": invoice_id,
+        "ReferenceId": credit_note_number(correction.invoice),
+        "SourceId": item_id,
+        "SourceType": "InvoiceDetail",
+        "Type": "Credit",
+    }
+
+
+def allocate(total: Decimal, amounts: Iterable[Decimal]) -> list[Decimal]:
+    """``total`` spread over items in order, none above its own amount (what is left: 0)."""
+    spread, left = [], max(total, Decimal(0))
+    for amount in amounts:
+        part = min(left, max(amount, Decimal(0)))
+        spread.append(part)
+        left -= part
+    return spread
+
+
+def item_refs(prefix: str, records: Iterable[Any], balance: Decimal) -> dict[str, str]:
+    """An invoice's items (sorted by id, numbered from 1) and its balance, as refs."""
+    refs = {f"{prefix}balance": format(balance, "f")}
+    for n, record in enumerate(sorted(records, key=lambda r: str(r.Id)), start=1):
+        refs[f"{prefix}item_{n}"] = str(record.Id)
+        refs[f"{prefix}item_{n}_amount"] = format(Decimal(str(record.ChargeAmount)), "f")
+    return refs
 
 
 def invoice_query(invoice_id: str) -> str:

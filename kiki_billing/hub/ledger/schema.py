@@ -129,6 +129,20 @@ account_locks_table = sa.Table(
 )
 
 
+carried_fees_table = sa.Table(
+    "carried_fees",
+    metadata,
+    sa.Column("client_id", sa.String(128), primary_key=True),
+    sa.Column("period", sa.String(32), primary_key=True),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("amount", sa.String(32), nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+"""Fees below a contract's ``carry_forward_below``: not issued for their period, billed on the
+client's next invoice (a line per period). Applied once an invoice recorded for a later period
+carries a line with that period (``carried_from``)."""
+
+
 undated_sources_table = sa.Table(
     "undated_sources",
     metadata,

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,6 +31,7 @@ from kiki_billing.hub.ledger.schema import (
     DeliveryState,
     StepOrigin,
     account_locks_table,
+    carried_fees_table,
     client_refs_table,
     create_or_migrate,
     credentials_table,
@@ -39,7 +41,8 @@ from kiki_billing.hub.ledger.schema import (
     steps_table,
     undated_sources_table,
 )
-from kiki_billing.models import Invoice
+from kiki_billing.models import Invoice, LineKind
+from kiki_billing.profit_share import CarriedFee
 
 
 @dataclass(frozen=True)
@@ -697,6 +700,53 @@ class Ledger:
         with self.engine.connect() as conn:
             return [_delivery(row) for row in conn.execute(query)]
 
+    def superseded(
+        self, number: str, revision: int, target: str, account: str
+    ) -> list[DeliveryRecord]:
+        """Deliveries of revisions of ``number`` older than ``revision`` to a target account.
+
+        Each was superseded by ``revision``: its delivery corrects them (void or credit) first.
+        """
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deliveries_table)
+                .where(
+                    deliveries_table.c.invoice_number == number,
+                    deliveries_table.c.revision < revision,
+                    deliveries_table.c.target == target,
+                    deliveries_table.c.account == account,
+                )
+                .order_by(deliveries_table.c.revision)
+            ).all()
+        return [_delivery(row) for row in rows]
+
+    def latest_revisions(self, numbers: Iterable[str]) -> dict[str, int]:
+        """The newest revision recorded for each of ``numbers`` that has any."""
+        wanted = sorted(set(numbers))
+        found: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                rows = conn.execute(
+                    sa.select(invoices_table.c.number, sa.func.max(invoices_table.c.revision))
+                    .where(invoices_table.c.number.in_(chunk))
+                    .group_by(invoices_table.c.number)
+                ).all()
+                found.update({row[0]: int(row[1]) for row in rows})
+        return found
+
+    def known_refs(self, record: DeliveryRecord) -> dict[str, str]:
+        """The ids a delivery obtained: its recorded refs and those of every step done.
+
+        A delivery killed mid-way has no refs of its own yet; its steps have.
+        """
+        refs: dict[str, str] = {}
+        for step in self.steps(record.id).values():
+            if step.state is DeliveryState.DELIVERED:
+                refs.update(step.refs)
+        refs.update(record.refs)
+        return refs
+
     # Steps ----------------------------------------------------------------------------------
 
     def steps(self, delivery_id: int) -> dict[str, StepRecord]:
@@ -884,6 +934,121 @@ class Ledger:
             if inserted.rowcount != 1:  # another process kept it meanwhile: ours is as good
                 conn.execute(update, {**where, "value": value})
 
+    # Fees carried forward ---------------------------------------------------------------------
+
+    def carried_into(self, period: str) -> dict[str, list[CarriedFee]]:
+        """Fees of periods before ``period`` not yet billed, by client (oldest first).
+
+        A carried fee is billed once an invoice recorded for another period carries a line with
+        its period; an invoice of ``period`` itself does not count (a re-run of the same period
+        bills the same lines again).
+        """
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(carried_fees_table)
+                .where(carried_fees_table.c.period < period)
+                .order_by(carried_fees_table.c.client_id, carried_fees_table.c.period)
+            ).all()
+        if not rows:
+            return {}
+        applied = self._carried_applied({row.client_id for row in rows}, exclude=period)
+        found: dict[str, list[CarriedFee]] = {}
+        for row in rows:
+            if (row.client_id, row.period) in applied:
+                continue
+            found.setdefault(row.client_id, []).append(
+                CarriedFee(row.period, row.currency, Decimal(row.amount))
+            )
+        return found
+
+    def _carried_applied(
+        self, clients: set[str], *, exclude: str | None = None
+    ) -> dict[tuple[str, str], str]:
+        """``(client, carried period) -> invoice number`` of every carried line recorded."""
+        query = sa.select(
+            invoices_table.c.client_id,
+            invoices_table.c.number,
+            invoices_table.c.period,
+            invoices_table.c.document,
+        ).where(invoices_table.c.client_id.in_(sorted(clients)))
+        applied: dict[tuple[str, str], str] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(query):
+                if row.period == exclude:
+                    continue
+                for line in json.loads(row.document).get("lines", []):
+                    if line.get("kind") == LineKind.CARRIED_FORWARD.value and line.get(
+                        "carried_from"
+                    ):
+                        applied[(row.client_id, line["carried_from"])] = row.number
+        return applied
+
+    def record_carried(self, client_id: str, period: str, currency: str, amount: Decimal) -> None:
+        """Keep a period's fee that was carried forward (a corrected one while none billed it).
+
+        Raises:
+            InvoiceConflictError: Another fee of that period was billed on a later invoice.
+        """
+        applied = self._carried_applied({client_id}).get((client_id, period))
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(carried_fees_table).where(
+                    carried_fees_table.c.client_id == client_id,
+                    carried_fees_table.c.period == period,
+                )
+            ).one_or_none()
+            text = format(amount, "f")
+            if row is not None and row.amount == text and row.currency == currency:
+                return
+            if row is not None and applied is not None:
+                raise InvoiceConflictError(
+                    f"client {client_id}'s fee of {period} ({row.amount} {row.currency}) was "
+                    f"carried forward and billed on invoice {applied}; it is now {text} "
+                    f"{currency}: amend invoice {applied} instead"
+                )
+            if row is not None:
+                conn.execute(
+                    carried_fees_table.update()
+                    .where(
+                        carried_fees_table.c.client_id == client_id,
+                        carried_fees_table.c.period == period,
+                    )
+                    .values(currency=currency, amount=text, recorded_at=_now())
+                )
+                return
+            conn.execute(
+                self._insert_new(carried_fees_table),
+                {
+                    "client_id": client_id,
+                    "period": period,
+                    "currency": currency,
+                    "amount": text,
+                    "recorded_at": _now(),
+                },
+            )
+
+    def check_not_carried(self, client_id: str, period: str) -> None:
+        """Refuse to invoice a period whose fee was carried and billed; forget an unbilled one.
+
+        A carried fee not billed yet is dropped: the period's own invoice bills it now.
+
+        Raises:
+            InvoiceConflictError: The period's fee was carried and billed on a later invoice.
+        """
+        applied = self._carried_applied({client_id}).get((client_id, period))
+        if applied is not None:
+            raise InvoiceConflictError(
+                f"client {client_id}'s fee of {period} was carried forward and billed on invoice "
+                f"{applied}; its own invoice would bill it twice: amend invoice {applied} instead"
+            )
+        with self.engine.begin() as conn:
+            conn.execute(
+                carried_fees_table.delete().where(
+                    carried_fees_table.c.client_id == client_id,
+                    carried_fees_table.c.period == period,
+                )
+            )
+
     # Undated sources -------------------------------------------------------------------------
 
     def undated_source_period(self, sha256: str) -> tuple[str, str] | None:
@@ -1017,7 +1182,8 @@ def conflict_message(invoice: Invoice, recorded_hash: str | None) -> str:
     return (
         f"invoice {invoice.number} revision {invoice.revision} was issued before with other "
         f"billed content (hash {shown}, now {invoice.billing_hash()[:12]}); "
-        "a correction needs a new revision"
+        "a correction needs a new revision: review it with `kiki-billing push --amend --dry-run`, "
+        "then issue it with `kiki-billing push --amend`"
     )
 
 

@@ -19,6 +19,7 @@ from kiki_billing.hub.dispatcher import Hub
 from kiki_billing.hub.ledger import DeliveryState, Ledger
 from kiki_billing.hub.plan import Delivery
 from kiki_billing.hub.retry import RetryPolicy
+from kiki_billing.hub.revisions import as_revision
 from kiki_billing.hub.runner import DeliveryOutcome
 from kiki_billing.models import Invoice
 from tests.adapters.quickbooks.conftest import settings_for
@@ -304,22 +305,21 @@ def test_an_invoice_number_held_by_someone_else_is_not_adopted(
 
 
 @pytest.mark.parametrize("duplicates_allowed", [True, False])
-def test_a_revision_gets_its_own_invoice_or_quickbooks_reason(
+def test_a_revision_gets_its_own_doc_number_and_voids_the_one_it_replaces(
     fake: FakeQuickBooks, make_adapter: Made, push: Pusher, duplicates_allowed: bool
 ) -> None:
     fake.configure(duplicate_doc_numbers=duplicates_allowed)
     adapter = make_adapter()
     [first] = push(adapter, [saas()])
-    revised = saas().model_copy(update={"revision": 1})
+    revised = as_revision(saas(), 1)
     [second] = push(adapter, [revised])
-    if duplicates_allowed:
-        assert second.state is DeliveryState.DELIVERED, second.error
-        assert second.refs["invoice_id"] != first.refs["invoice_id"]
-        notes = sorted(i["PrivateNote"] for i in state(fake, "invoices"))
-        assert [n.split(",")[0][-10:] for n in notes] == ["revision 0", "revision 1"]
-    else:
-        assert second.state is DeliveryState.FAILED and second.error is not None
-        assert "Duplicate Document Number Error" in second.error and "code 6140" in second.error
+    assert second.state is DeliveryState.DELIVERED, second.error
+    assert second.refs["invoice_id"] != first.refs["invoice_id"]
+    held = {i["DocNumber"]: i for i in state(fake, "invoices")}
+    number = saas().number.removeprefix("KIKI-")
+    assert set(held) == {number, f"{number}-R1"}
+    assert held[number]["PrivateNote"].startswith("Voided")
+    assert held[f"{number}-R1"]["PrivateNote"].split(",")[0].endswith("revision 1")
 
 
 # ------------------------------------------------------------------------------------------
