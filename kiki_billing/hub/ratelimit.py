@@ -38,6 +38,8 @@ SLOWDOWN = 0.9
 LOCAL_LIMIT = "local_rate_limit"
 """The code of a :class:`RateLimitedError` raised here, before any request was sent."""
 FLOOR = 0.5
+CONCURRENT = "concurrent"
+"""The window of a :class:`RateLimitedError` for too many requests at once."""
 RECOVER_AFTER = 50
 RECOVER_STEP = 0.02
 
@@ -112,6 +114,15 @@ class LimiterState(Protocol):
         """Hold one of the account's concurrent request slots."""
         ...
 
+    def crowded(self) -> None:
+        """The provider refused a request for too many at once: hold fewer slots.
+
+        The cap drops below the requests in flight (at least one is kept) and wins one slot
+        back every :data:`RECOVER_AFTER` requests that leave without such a refusal, up to
+        the published cap.
+        """
+        ...
+
 
 class LocalLimiterState:
     """The limiter's state in this process (thread-safe).
@@ -129,13 +140,22 @@ class LocalLimiterState:
         self._since_throttle = 0
         self._last = -math.inf
         self._paused_until = -math.inf
-        self._slots = threading.BoundedSemaphore(max(1, limit.concurrency))
+        self._max_slots = max(1, limit.concurrency)
+        self._cap = self._max_slots
+        self._in_flight = 0
+        self._since_crowded = 0
+        self._slot_freed = threading.Condition(self._lock)
 
     @property
     def interval(self) -> float:
         """Seconds between two requests at the current pace."""
         shortest = self._windows[0]
         return shortest.seconds / (shortest.requests * self._pace)
+
+    @property
+    def cap(self) -> int:
+        """Requests allowed in flight now (the published cap, less after a refusal)."""
+        return self._cap
 
     def _due(self, now: float) -> tuple[float, str | None]:
         due = max(now, self._last + self.interval, self._paused_until)
@@ -180,9 +200,29 @@ class LocalLimiterState:
             self._paused_until = max(self._paused_until, now + self.interval)
             return self.interval
 
-    def slot(self) -> AbstractContextManager[object]:
-        """One of the account's concurrent slots (a semaphore of this process)."""
-        return self._slots
+    @contextmanager
+    def slot(self) -> Iterator[object]:
+        """One of the account's concurrent slots (counted in this process)."""
+        with self._slot_freed:
+            while self._in_flight >= self._cap:
+                self._slot_freed.wait()
+            self._in_flight += 1
+            self._since_crowded += 1
+            if self._cap < self._max_slots and self._since_crowded % RECOVER_AFTER == 0:
+                self._cap += 1
+                self._slot_freed.notify()
+        try:
+            yield self
+        finally:
+            with self._slot_freed:
+                self._in_flight -= 1
+                self._slot_freed.notify()
+
+    def crowded(self) -> None:
+        """Hold one slot fewer than are in flight now (at least one)."""
+        with self._lock:
+            self._cap = max(1, min(self._cap, self._in_flight - 1))
+            self._since_crowded = 0
 
 
 class AccountLimiter:
@@ -286,10 +326,14 @@ class AccountLimiter:
             retry_after: The provider's ``Retry-After``, when it sent one: every request of
                 the account waits that long.
             window: Which of the provider's limits it was (``day`` pauses until ``retry_after``
-                like any other).
+                like any other). ``concurrent`` lowers the account's concurrency cap instead
+                of its pace: the retry waits for a slot, not for the rate.
         """
         with self._lock:
             self.throttled += 1
+        if window == CONCURRENT:
+            self.state.crowded()
+            return 0.0 if retry_after is None else self.state.throttled(retry_after)
         return self.state.throttled(retry_after)
 
 

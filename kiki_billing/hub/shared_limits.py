@@ -137,14 +137,36 @@ return fmt(wait)
 _TAKE_SLOT = (
     _NOW
     + """
--- KEYS: slots (sorted set: holder token -> lease expiry). ARGV: cap, token, lease seconds.
+-- KEYS: slots (sorted set: holder token -> lease expiry), state (hash: cap, cap_ok).
+-- ARGV: published cap, token, lease seconds, recover_after. The cap in force is lower after a
+-- provider refused a request for too many at once, and wins one slot back every
+-- recover_after slots taken.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now))
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+local max_cap = tonumber(ARGV[1])
+local cap = math.min(tonumber(redis.call('HGET', KEYS[2], 'cap')) or max_cap, max_cap)
+if redis.call('ZCARD', KEYS[1]) < cap then
   redis.call('ZADD', KEYS[1], fmt(now + tonumber(ARGV[3])), ARGV[2])
   redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) * 1000) + 60000)
+  if cap < max_cap then
+    local ok = redis.call('HINCRBY', KEYS[2], 'cap_ok', 1)
+    if ok % tonumber(ARGV[4]) == 0 then redis.call('HSET', KEYS[2], 'cap', cap + 1) end
+  end
   return 1
 end
 return 0
+"""
+)
+
+_CROWDED = (
+    _NOW
+    + """
+-- KEYS: slots, state. ARGV: published cap. One slot fewer than are held now (at least one).
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now))
+local max_cap = tonumber(ARGV[1])
+local cap = math.min(tonumber(redis.call('HGET', KEYS[2], 'cap')) or max_cap, max_cap)
+local lowered = math.max(1, math.min(cap, redis.call('ZCARD', KEYS[1]) - 1))
+redis.call('HSET', KEYS[2], 'cap', lowered, 'cap_ok', 0)
+return lowered
 """
 )
 
@@ -236,6 +258,7 @@ class RedisLimits:
         self.reserve_script = client.register_script(_RESERVE)
         self.throttled_script = client.register_script(_THROTTLED)
         self.take_slot_script = client.register_script(_TAKE_SLOT)
+        self.crowded_script = client.register_script(_CROWDED)
         self.renew_script = client.register_script(_RENEW_SLOTS)
         self.allow_script = client.register_script(_BREAKER_ALLOW)
         self.failure_script = client.register_script(_BREAKER_FAILURE)
@@ -261,11 +284,16 @@ class RedisLimits:
 
     # Concurrency slots: leases renewed by this process ---------------------------------------
 
-    def take_slot(self, slots_key: str, cap: int) -> str | None:
-        """Take one of ``cap`` slots now; the token that releases it, or ``None`` when full."""
+    def take_slot(self, slots_key: str, state_key: str, cap: int) -> str | None:
+        """Take a slot now; the token that releases it, or ``None`` when full.
+
+        At most ``cap`` are held at once, fewer while the account is crowded.
+        """
         token = f"{self._me}:{next(self._tokens)}"
         try:
-            taken = self.take_slot_script(keys=[slots_key], args=[cap, token, self.slot_lease])
+            taken = self.take_slot_script(
+                keys=[slots_key, state_key], args=[cap, token, self.slot_lease, RECOVER_AFTER]
+            )
         except Exception as exc:
             raise _unreachable(exc) from exc
         if not taken:
@@ -352,11 +380,20 @@ class RedisLimiterState:
         except Exception as exc:
             raise _unreachable(exc) from exc
 
+    def crowded(self) -> None:
+        """Every process holds one slot fewer than are held now (at least one)."""
+        try:
+            self.limits.crowded_script(
+                keys=[self.slots_key, self.state_key], args=[self.concurrency]
+            )
+        except Exception as exc:
+            raise _unreachable(exc) from exc
+
     @contextmanager
     def slot(self) -> Iterator[object]:
         """Hold one of the account's concurrent slots, counted across every process."""
         while True:
-            token = self.limits.take_slot(self.slots_key, self.concurrency)
+            token = self.limits.take_slot(self.slots_key, self.state_key, self.concurrency)
             if token is not None:
                 break
             self.sleep(SLOT_POLL * (0.5 + random.random()))  # noqa: S311 - jitter

@@ -11,7 +11,7 @@ import pytest
 from kiki_billing.hub.credentials import LedgerCredentialStore
 from kiki_billing.hub.keys import KEY_LENGTH, idempotency_key
 from kiki_billing.hub.ledger import Ledger
-from kiki_billing.hub.ratelimit import AccountLimiter, CircuitBreaker
+from kiki_billing.hub.ratelimit import RECOVER_AFTER, AccountLimiter, CircuitBreaker
 from kiki_billing.hub.retry import RetryPolicy, run_with_retry
 from kiki_billing.plugin import (
     RateLimit,
@@ -134,6 +134,42 @@ def test_limiter_holds_the_concurrency_cap() -> None:
     for thread in threads:
         thread.join()
     assert peak[0] == 2
+
+
+def test_a_refusal_for_too_many_at_once_lowers_the_cap_then_wins_it_back() -> None:
+    lim, _ = limiter((100_000, 1.0), concurrency=6)
+    state = lim.state
+    # Four in flight when the provider refuses one for concurrency: three at most from now.
+    with lim.request(), lim.request(), lim.request(), lim.request():
+        wait = lim.throttled_by_provider(None, "concurrent")
+    assert wait == 0.0  # the retry waits for a slot, not for the rate
+    assert state.cap == 3  # type: ignore[attr-defined]
+    assert lim.interval == pytest.approx(1 / 96_000)  # the pace is untouched
+    blocked = threading.Event()
+    entered = threading.Event()
+
+    def fourth() -> None:
+        blocked.set()
+        with lim.request():
+            entered.set()
+
+    with lim.request(), lim.request(), lim.request():
+        thread = threading.Thread(target=fourth)
+        thread.start()
+        blocked.wait(5)
+        assert not entered.wait(0.2)  # a fourth request waits for a slot
+    thread.join(5)
+    assert entered.is_set()
+    # Every RECOVER_AFTER requests without a refusal win one slot back, up to the cap of 6.
+    for _ in range(RECOVER_AFTER * 5):
+        with lim.request():
+            pass
+    assert state.cap == 6  # type: ignore[attr-defined]
+    # However crowded, one request is always let through.
+    with lim.request():
+        lim.throttled_by_provider(None, "concurrent")
+        lim.throttled_by_provider(None, "concurrent")
+    assert state.cap == 1  # type: ignore[attr-defined]
 
 
 def test_rate_limit_settings_parse_windows() -> None:

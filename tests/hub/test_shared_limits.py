@@ -18,7 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from kiki_billing.hub.ratelimit import LOCAL_LIMIT, AccountLimiter, LocalLimiterState
+from kiki_billing.hub.ratelimit import (
+    LOCAL_LIMIT,
+    RECOVER_AFTER,
+    AccountLimiter,
+    LocalLimiterState,
+)
 from kiki_billing.hub.shared_limits import RedisLimits
 from kiki_billing.plugin import RateLimit, RateLimitedError, RateWindow, TransientError
 from tests.support.redis import redis_url  # noqa: F401
@@ -26,6 +31,7 @@ from tests.support.redis import redis_url  # noqa: F401
 pytestmark = [pytest.mark.server, pytest.mark.block_network(allowed_hosts=[r"^127\.0\.0\.1$"])]
 
 TARGET, ACCOUNT = "stripe", "acct_shared"
+STATE = "kiki-test:no-refusal"  # a state with no refusal recorded: the published cap holds
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -72,7 +78,7 @@ def hold_slots(url: str, prefix: str, count: int, ready: str) -> None:
     shared = RedisLimits(url, prefix=prefix, slot_lease=2.0)
     slots = shared.key(TARGET, ACCOUNT, "slots")
     for _ in range(count):
-        assert shared.take_slot(slots, count) is not None
+        assert shared.take_slot(slots, STATE, count) is not None
     with open(ready, "w") as handle:
         handle.write("held")
     time.sleep(600)
@@ -156,14 +162,14 @@ def test_the_concurrency_cap_holds_across_processes_and_a_dead_holder_frees_its_
             time.sleep(0.02)
         shared = limits(server, prefix, slot_lease=2.0)
         slots = shared.key(TARGET, ACCOUNT, "slots")
-        assert shared.take_slot(slots, 2) is None  # both held by the live process
+        assert shared.take_slot(slots, STATE, 2) is None  # both held by the live process
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(timeout=30)
         # Its renewals stop; within its lease the slots free themselves.
         deadline = time.monotonic() + 60
         token = None
         while token is None and time.monotonic() < deadline:
-            token = shared.take_slot(slots, 2)
+            token = shared.take_slot(slots, STATE, 2)
             time.sleep(0.05)
         assert token is not None
     finally:
@@ -176,12 +182,12 @@ def test_a_held_slot_is_renewed_past_its_lease(server: str, prefix: str) -> None
     shared = limits(server, prefix, slot_lease=1.5)
     other = limits(server, prefix, slot_lease=1.5)
     slots = shared.key(TARGET, ACCOUNT, "slots")
-    token = shared.take_slot(slots, 1)
+    token = shared.take_slot(slots, STATE, 1)
     assert token is not None
     time.sleep(4.0)
-    assert other.take_slot(slots, 1) is None
+    assert other.take_slot(slots, STATE, 1) is None
     shared.release_slot(slots, token)
-    assert other.take_slot(slots, 1) is not None
+    assert other.take_slot(slots, STATE, 1) is not None
 
 
 def test_the_limiter_api_runs_on_the_shared_state(server: str, prefix: str) -> None:
@@ -194,8 +200,8 @@ def test_the_limiter_api_runs_on_the_shared_state(server: str, prefix: str) -> N
     other = limits(server, prefix)
     slots = other.key(TARGET, ACCOUNT, "slots")
     with limiter.request(), limiter.request():
-        assert other.take_slot(slots, 2) is None  # the cap of 2 is held by this process
-    assert other.take_slot(slots, 2) is not None
+        assert other.take_slot(slots, STATE, 2) is None  # the cap of 2 is held by this process
+    assert other.take_slot(slots, STATE, 2) is not None
     assert limiter.requests == 2
     assert len(sent_times(shared)) == 2
 
@@ -239,3 +245,27 @@ def test_an_unreachable_store_is_a_transient_error_before_anything_is_sent() -> 
     state = shared.limiter_state(TARGET, ACCOUNT, RateLimit((RateWindow(10, 1.0),), 1))
     with pytest.raises(TransientError, match="unreachable"):
         state.reserve(10)
+
+
+def test_a_refusal_for_too_many_at_once_lowers_every_process_cap(server: str, prefix: str) -> None:
+    limit = RateLimit((RateWindow(1000, 1.0),), 4)
+    one = limits(server, prefix).limiter_state(TARGET, ACCOUNT, limit)
+    two = limits(server, prefix).limiter_state(TARGET, ACCOUNT, limit)
+    other = limits(server, prefix)
+    slots = other.key(TARGET, ACCOUNT, "slots")
+    state = other.key(TARGET, ACCOUNT, "limiter")
+    with one.slot(), one.slot(), two.slot():
+        two.crowded()  # the provider refused the third request in flight: two at once
+        assert other.take_slot(slots, state, 4) is None
+    held = [other.take_slot(slots, state, 4) for _ in range(3)]
+    assert held[0] is not None and held[1] is not None and held[2] is None
+    for token in held[:2]:
+        assert token is not None
+        other.release_slot(slots, token)
+    # Every RECOVER_AFTER slots taken without a refusal win one back, up to the published cap.
+    for _ in range(RECOVER_AFTER):
+        token = other.take_slot(slots, state, 4)
+        assert token is not None
+        other.release_slot(slots, token)
+    held = [other.take_slot(slots, state, 4) for _ in range(4)]
+    assert [t is not None for t in held] == [True, True, True, False]

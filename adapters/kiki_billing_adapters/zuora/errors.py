@@ -134,7 +134,11 @@ def _classify_api_error(error: ZuoraApiError) -> DeliveryError:
     if code in THROTTLED_CODES or error.status == 429:
         # NOTE: Zuora answers REQUEST_EXCEEDED_LIMIT for its concurrency and per-minute limits
         # and REQUEST_EXCEEDED_RATE for the request rate (PROVIDERS.md); both slow the tenant.
+        # A refusal for too many requests at once says "concurrent" (Zuora's "Concurrent
+        # Request Limits" policy): the hub then holds fewer requests in flight.
         window = "minute" if code == "REQUEST_EXCEEDED_RATE" else None
+        if "concurren" in error.message.lower():
+            window = "concurrent"
         return RateLimitedError(message, window=window, retry_after=error.retry_after, **details)
     if code in TRANSIENT_CODES:
         return TransientError(message, retry_after=error.retry_after, **details)
