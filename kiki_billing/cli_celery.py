@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from kiki_billing.cli_delivery import Display, open_ledger, show_outcomes
+from kiki_billing.cli_delivery import Display, open_ledger, show_outcomes, target_progress
 from kiki_billing.cli_support import console, err_console
 from kiki_billing.errors import ConfigurationError, InputError
 
@@ -25,8 +25,6 @@ def push_with_celery(
     ledger: Ledger, plan: Plan, settings: HubSettings, display: Display, *, wait: bool
 ) -> None:
     """Record and queue the plan's deliveries; show progress until every one is settled."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from kiki_billing.hub.celery_executor import TASK_NAME, enqueue, make_app, settle
 
     app = make_app(settings)
@@ -51,17 +49,7 @@ def push_with_celery(
             markup=False,
         )
         return
-    totals = Counter(item.delivery.target for item in queued)
-    progress = Progress(
-        TextColumn("{task.description:<16}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console(),
-        disable=not display.progress,
-        redirect_stderr=True,
-    )
-    bars = {name: progress.add_task(name, total=count) for name, count in sorted(totals.items())}
+    progress, bars = target_progress(Counter(item.delivery.target for item in queued), display)
     with progress:
         while True:
             left = settle(ledger, queued)

@@ -22,6 +22,8 @@ from kiki_billing.models import revision_number
 from kiki_billing.money import format_money
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from kiki_billing.hub.ledger import DeliveryRecord, Ledger
     from kiki_billing.hub.plan import Delivery, Plan
     from kiki_billing.hub.revisions import Amendment
@@ -455,20 +457,10 @@ def run_retry(
             plan.close()
 
 
-def _drive(
-    ledger: Ledger, plan: Plan, settings: HubSettings, display: Display, redrive: bool
-) -> None:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+def target_progress(counts: Mapping[str, int], display: Display) -> tuple[Progress, dict[str, Any]]:
+    """A progress bar per target (on stderr, log lines printed above it) and their task ids."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kiki_billing.hub.dispatcher import Hub
-
-    counts = Counter(d.target for d in plan.deliveries)
     progress = Progress(
         TextColumn("{task.description:<16}"),
         BarColumn(),
@@ -479,6 +471,15 @@ def _drive(
         redirect_stderr=True,
     )
     tasks = {name: progress.add_task(name, total=count) for name, count in sorted(counts.items())}
+    return progress, tasks
+
+
+def _drive(
+    ledger: Ledger, plan: Plan, settings: HubSettings, display: Display, redrive: bool
+) -> None:
+    from kiki_billing.hub.dispatcher import Hub
+
+    progress, tasks = target_progress(Counter(d.target for d in plan.deliveries), display)
     lock = threading.Lock()
 
     def advance(outcome: DeliveryOutcome) -> None:

@@ -1074,4 +1074,25 @@ def check_secret(value: SecretStr) -> SecretStr:
     return value
 
 
-__all__ += ["check_api_base", "check_secret"]
+def check_refresh_token(
+    adapter: str, setting: str, configured: object | None, credentials: CredentialStore
+) -> None:
+    """For an OAuth adapter's ``check_ready``: a refresh token is configured or stored.
+
+    Args:
+        adapter: The adapter's name (``kiki-billing connect <adapter>`` stores one).
+        setting: The variable that configures one (``KIKI_XERO_REFRESH_TOKEN``).
+        configured: Its value, ``None`` when unset.
+        credentials: The account's credential store.
+
+    Raises:
+        ConfigurationError: Neither is there, so no request could be authorized.
+    """
+    if configured is None and not credentials.load().get("refresh_token"):
+        raise ConfigurationError(
+            f"adapter {adapter!r}: {setting} is not set and no token is stored: run "
+            f"`kiki-billing connect {adapter}`, or set {setting}"
+        )
+
+
+__all__ += ["check_api_base", "check_refresh_token", "check_secret"]

@@ -31,6 +31,7 @@ from kiki_billing.plugin import (
     StepRequest,
     TerminalError,
     WebhookEvent,
+    check_refresh_token,
 )
 
 from .errors import classify_quickbooks_error, parse_fault
@@ -243,12 +244,12 @@ class QuickBooksAdapter(BillingAdapter[QuickBooksSettings, QuickBooksClientSetti
         Raises:
             ConfigurationError: Neither ``KIKI_QUICKBOOKS_REFRESH_TOKEN`` nor a stored token.
         """
-        if self.settings.refresh_token is None and not self.credentials.load().get("refresh_token"):
-            raise ConfigurationError(
-                f"adapter {self.name!r}: KIKI_QUICKBOOKS_REFRESH_TOKEN is not set and no token "
-                f"is stored: run `kiki-billing connect {self.name}`, or set "
-                f"KIKI_QUICKBOOKS_REFRESH_TOKEN"
-            )
+        check_refresh_token(
+            self.name,
+            "KIKI_QUICKBOOKS_REFRESH_TOKEN",
+            self.settings.refresh_token,
+            self.credentials,
+        )
 
     def validate(self, invoice: Invoice, client: QuickBooksClientSettings) -> None:
         """Refuse what QuickBooks would refuse, before any call.

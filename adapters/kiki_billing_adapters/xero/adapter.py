@@ -36,6 +36,7 @@ from kiki_billing.plugin import (
     TerminalError,
     TransientError,
     WebhookEvent,
+    check_refresh_token,
     credit_note_number,
 )
 
@@ -198,12 +199,9 @@ class XeroAdapter(BillingAdapter[XeroSettings, XeroClientSettings]):
         Raises:
             ConfigurationError: Neither ``KIKI_XERO_REFRESH_TOKEN`` nor a stored token.
         """
-        if self.settings.refresh_token is None and not self.credentials.load().get("refresh_token"):
-            raise ConfigurationError(
-                f"adapter {self.name!r}: KIKI_XERO_REFRESH_TOKEN is not set and no token "
-                f"is stored: run `kiki-billing connect {self.name}`, or set "
-                f"KIKI_XERO_REFRESH_TOKEN"
-            )
+        check_refresh_token(
+            self.name, "KIKI_XERO_REFRESH_TOKEN", self.settings.refresh_token, self.credentials
+        )
 
     def validate(self, invoice: Invoice, client: XeroClientSettings) -> None:
         """Refuse what Xero would refuse or round, before any call.
