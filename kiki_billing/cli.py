@@ -140,6 +140,23 @@ def demo(
     run_demo(out=out, json_output=json_output)
 
 
+ExecutorOption = Annotated[
+    str,
+    typer.Option(
+        "--executor",
+        envvar="KIKI_EXECUTOR",
+        help="local: this process; celery: tasks for `kiki-billing worker`s "
+        "(KIKI_BROKER_URL, a PostgreSQL KIKI_LEDGER_URL).",
+    ),
+]
+NoWaitOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-wait", help="With --executor celery: queue the deliveries and return at once."
+    ),
+]
+
+
 @app.command()
 @reports_errors
 def push(
@@ -168,21 +185,8 @@ def push(
         bool, typer.Option("--quiet", "-q", help="No tables or bars; errors and a summary line.")
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
-    executor: Annotated[
-        str,
-        typer.Option(
-            "--executor",
-            envvar="KIKI_EXECUTOR",
-            help="local: this process; celery: tasks for `kiki-billing worker`s "
-            "(KIKI_BROKER_URL, a PostgreSQL KIKI_LEDGER_URL).",
-        ),
-    ] = "local",
-    no_wait: Annotated[
-        bool,
-        typer.Option(
-            "--no-wait", help="With --executor celery: queue the deliveries and return at once."
-        ),
-    ] = False,
+    executor: ExecutorOption = "local",
+    no_wait: NoWaitOption = False,
     amend: Annotated[
         bool,
         typer.Option(
@@ -267,8 +271,13 @@ def retry(
     client: Annotated[str | None, typer.Option("--client", help="Only this client id.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No tables or bars.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    executor: ExecutorOption = "local",
+    no_wait: NoWaitOption = False,
 ) -> None:
-    """Re-drive failed and deferred deliveries, with the current contracts file and settings."""
+    """Re-drive failed and deferred deliveries, with the current contracts file and settings.
+
+    Exits like ``push``: 0 only when every re-driven delivery is delivered.
+    """
     from kiki_billing.cli_delivery import run_retry
 
     run_retry(
@@ -278,6 +287,8 @@ def retry(
         client=client,
         quiet=quiet,
         no_progress=no_progress,
+        executor=executor.strip().lower(),
+        wait=not no_wait,
     )
 
 

@@ -22,26 +22,36 @@ POOLS = ("threads", "prefork", "solo")
 
 
 def push_with_celery(
-    ledger: Ledger, plan: Plan, settings: HubSettings, display: Display, *, wait: bool
+    ledger: Ledger,
+    plan: Plan,
+    settings: HubSettings,
+    display: Display,
+    *,
+    wait: bool,
+    redrive: bool = False,
 ) -> None:
-    """Record and queue the plan's deliveries; show progress until every one is settled."""
-    from kiki_billing.hub.celery_executor import TASK_NAME, enqueue, make_app, settle
+    """Record and queue the plan's deliveries; show progress until every one is settled.
+
+    ``redrive`` (``retry``): failed deliveries are queued again too.
+    """
+    from kiki_billing.hub.celery_executor import TASK_NAME, Watch, enqueue, make_app
 
     app = make_app(settings)
     sent = 0
+
+    def send(payload: dict[str, Any], producer: Any = None) -> None:
+        app.send_task(
+            TASK_NAME, kwargs={"payload": payload}, queue=settings.celery_queue, producer=producer
+        )
+
     with app.producer_or_acquire() as producer:
 
-        def send(payload: dict[str, Any]) -> None:
+        def send_first(payload: dict[str, Any]) -> None:
             nonlocal sent
-            app.send_task(
-                TASK_NAME,
-                kwargs={"payload": payload},
-                queue=settings.celery_queue,
-                producer=producer,
-            )
+            send(payload, producer)
             sent += 1
 
-        queued = enqueue(ledger, plan.deliveries, send)
+        queued = enqueue(ledger, plan.deliveries, send_first, redrive=redrive)
     if not wait:
         console().print(
             f"{sent} deliveries queued for the workers ({len(queued) - sent} settled before); "
@@ -50,9 +60,10 @@ def push_with_celery(
         )
         return
     progress, bars = target_progress(Counter(item.delivery.target for item in queued), display)
+    watch = Watch(ledger, queued, send, resend_after=settings.celery_resend_after, redrive=redrive)
     with progress:
         while True:
-            left = settle(ledger, queued)
+            left = watch.poll()
             done = Counter(item.delivery.target for item in queued if item.outcome is not None)
             for name, bar in bars.items():
                 progress.update(bar, completed=done[name])

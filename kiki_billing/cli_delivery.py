@@ -132,19 +132,10 @@ def run_push(
     from kiki_billing.hub.plan import plan_deliveries
     from kiki_billing.hub.registry import create_adapter, known_adapter_names
     from kiki_billing.hub.revisions import as_revision, plan_revisions
-    from kiki_billing.hub.settings import load_hub_settings
 
-    if executor not in ("local", "celery"):
-        raise InputError("unknown executor (local or celery)", field="--executor")
-    if not wait and executor != "celery":
-        raise InputError("--no-wait needs --executor celery", field="--no-wait")
     if yes and not amend:
         raise InputError("--yes confirms --amend; use them together", field="--yes")
-    settings = load_hub_settings()
-    if executor == "celery" and not dry_run:
-        from kiki_billing.hub.celery_executor import check_distributed
-
-        check_distributed(settings)
+    settings = _executor_settings(executor, wait, check=not dry_run)
     computed = compute_from_options(**options)
     _check_targets(computed.run.invoices, computed.contracts, skip_untargeted, client)
     with (
@@ -196,12 +187,7 @@ def run_push(
                 return
             _record_terms(ledger, plan, computed.contracts)
             display = Display(quiet, not (quiet or no_progress))
-            if executor == "celery":
-                from kiki_billing.cli_celery import push_with_celery
-
-                push_with_celery(ledger, plan, settings, display, wait=wait)
-                return
-            _drive(ledger, plan, settings, display, False)
+            _execute(ledger, plan, settings, display, executor, wait=wait, redrive=False)
         finally:
             plan.close()
 
@@ -397,17 +383,18 @@ def run_retry(
     client: str | None,
     quiet: bool,
     no_progress: bool,
+    executor: str = "local",
+    wait: bool = True,
 ) -> None:
     """``kiki-billing retry``: re-plan failed and deferred deliveries with today's settings."""
     from kiki_billing.config import load_contracts
     from kiki_billing.hub.ledger import DeliveryState
     from kiki_billing.hub.plan import plan_deliveries
     from kiki_billing.hub.registry import create_adapter, known_adapter_names
-    from kiki_billing.hub.settings import load_hub_settings
 
+    settings = _executor_settings(executor, wait, check=True)
     label = parse_period(period).label if period else None
     contracts_file = load_contracts(contracts)
-    settings = load_hub_settings()
     with open_ledger(settings) as ledger:
         assert ledger is not None
         records = ledger.deliveries(
@@ -452,9 +439,45 @@ def run_retry(
                     "the settings no longer send it there)"
                 )
             _record_terms(ledger, plan, contracts_file)
-            _drive(ledger, plan, settings, Display(quiet, not (quiet or no_progress)), True)
+            display = Display(quiet, not (quiet or no_progress))
+            _execute(ledger, plan, settings, display, executor, wait=wait, redrive=True)
         finally:
             plan.close()
+
+
+def _executor_settings(executor: str, wait: bool, *, check: bool) -> HubSettings:
+    """The hub's settings, refused (before any work) when the executor cannot run with them."""
+    from kiki_billing.hub.settings import load_hub_settings
+
+    if executor not in ("local", "celery"):
+        raise InputError("unknown executor (local or celery)", field="--executor")
+    if not wait and executor != "celery":
+        raise InputError("--no-wait needs --executor celery", field="--no-wait")
+    settings = load_hub_settings()
+    if executor == "celery" and check:
+        from kiki_billing.hub.celery_executor import check_distributed
+
+        check_distributed(settings)
+    return settings
+
+
+def _execute(
+    ledger: Ledger,
+    plan: Plan,
+    settings: HubSettings,
+    display: Display,
+    executor: str,
+    *,
+    wait: bool,
+    redrive: bool,
+) -> None:
+    """Deliver the plan in this process, or queue it for the Celery workers."""
+    if executor == "celery":
+        from kiki_billing.cli_celery import push_with_celery
+
+        push_with_celery(ledger, plan, settings, display, wait=wait, redrive=redrive)
+    else:
+        _drive(ledger, plan, settings, display, redrive)
 
 
 def target_progress(counts: Mapping[str, int], display: Display) -> tuple[Progress, dict[str, Any]]:

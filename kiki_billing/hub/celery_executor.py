@@ -12,7 +12,9 @@ carries the work to a process and hands it to another one when a worker dies:
 - the redelivered task finds the dead worker's claim; while its lease runs the task is retried
   after the lease, then claims the delivery and resumes it from its recorded steps;
 - a task delivered twice (visibility timeout, a retry published before its ack) finds the
-  delivery held, or delivered, and does nothing twice.
+  delivery held, or delivered, and does nothing twice;
+- a task the broker lost (Redis: a worker killed between taking a message and recording it)
+  is sent again by the waiting push once its deliveries stop moving (:class:`Watch`).
 
 Each worker process keeps one ledger connection pool, one lease keeper, and limiters and
 breakers whose state is in Redis (:mod:`kiki_billing.hub.shared_limits`), so the processes of
@@ -375,14 +377,88 @@ def enqueue(
 
 def settle(ledger: Ledger, queued: Iterable[Queued]) -> int:
     """Fill in the outcomes of queued deliveries that are settled now; how many are left."""
+    return len(_settle(ledger, queued))
+
+
+def _settle(ledger: Ledger, queued: Iterable[Queued]) -> list[DeliveryRecord]:
     waiting = {item.record_id: item for item in queued if item.outcome is None}
-    records: list[DeliveryRecord] = ledger.deliveries_by_id(
-        [record_id for record_id in waiting if record_id is not None]
-    )
-    for record in records:
+    left: list[DeliveryRecord] = []
+    for record in ledger.deliveries_by_id([rid for rid in waiting if rid is not None]):
         if record.state in SETTLED:
-            item = waiting.pop(record.id)
+            item = waiting[record.id]
             item.outcome = outcome(
                 item.delivery, record.state, refs=record.refs, error=record.last_error
             )
-    return len(waiting)
+        else:
+            left.append(record)
+    return left
+
+
+class Watch:
+    """Settles a push's queued deliveries, and queues again the tasks the broker lost.
+
+    Celery with a Redis broker loses a task now and then: ``BRPOP`` takes the message off the
+    queue before the worker records it as unacknowledged, so a worker killed in between
+    takes it to its grave, and no visibility timeout brings it back. The ledger knows better
+    than the broker: when none of the push's unsettled deliveries has moved (state, claim,
+    lease, attempts) for ``resend_after`` seconds, the tasks of those that no live lease
+    holds are sent again. A task sent twice is harmless (the runner's claim lets one copy
+    work and the other find the delivery held or done); each further re-send without
+    progress waits twice as long, so stopped workers do not fill the queue with copies.
+
+    Args:
+        ledger: The shared ledger.
+        queued: What :func:`enqueue` returned.
+        send: Sends one task payload.
+        resend_after: Seconds without progress before the first re-send.
+        redrive: Whether the push re-drives failed deliveries (carried by the tasks).
+        clock: Monotonic seconds; ``wall``: the lease clock (epoch seconds).
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        queued: Sequence[Queued],
+        send: Callable[[dict[str, Any]], None],
+        *,
+        resend_after: float,
+        redrive: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._ledger, self._queued, self._send = ledger, queued, send
+        self._by_id = {item.record_id: item for item in queued if item.record_id is not None}
+        self._base = self._wait = resend_after
+        self._redrive, self._clock, self._wall = redrive, clock, wall
+        self._seen: frozenset[tuple[Any, ...]] | None = None
+        self._since = clock()
+        self.resent = 0
+
+    def poll(self) -> int:
+        """Settle what is settled, re-send what is lost; how many deliveries are left."""
+        waiting = _settle(self._ledger, self._queued)
+        now = self._clock()
+        seen = frozenset(
+            (r.id, r.state, r.attempts, r.owner, r.lease_until, r.updated_at) for r in waiting
+        )
+        if seen != self._seen:
+            self._seen, self._since, self._wait = seen, now, self._base
+        elif waiting and now - self._since >= self._wait:
+            wall = self._wall()
+            lost = [
+                r
+                for r in waiting
+                if r.state is DeliveryState.PENDING or (r.lease_until or 0.0) <= wall
+            ]
+            for record in lost:
+                self._send(task_payload(self._by_id[record.id].delivery, redrive=self._redrive))
+            self.resent += len(lost)
+            if lost:
+                log.warning(
+                    "push.resent",
+                    deliveries=len(lost),
+                    stalled_seconds=round(now - self._since, 1),
+                    reason="no progress: tasks lost by the broker are queued again",
+                )
+            self._since, self._wait = now, self._wait * 2
+        return len(waiting)

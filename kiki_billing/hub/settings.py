@@ -43,6 +43,9 @@ class HubSettings(BaseSettings):
     celery_queue: str = Field(default="kiki-deliveries", min_length=1, max_length=200)
     celery_visibility_timeout: float = Field(default=3600.0, ge=10, le=7 * 86400)
     """Seconds before a Redis broker hands an unacknowledged task to another worker."""
+    celery_resend_after: float = Field(default=300.0, ge=1, le=86400)
+    """Seconds without progress after which a waiting push queues again the tasks of its
+    deliveries that no live worker holds (a task the broker lost)."""
     slot_lease: float = Field(default=15.0, ge=1, le=3600)
     """Seconds a dead worker's concurrency slot stays taken."""
 

@@ -52,3 +52,26 @@ def test_an_unknown_executor_is_refused(tmp_path) -> None:
 def test_help_names_the_executor_and_the_worker(tmp_path) -> None:
     assert "--executor" in run(tmp_path, "push", "--help").stdout
     assert "--concurrency" in run(tmp_path, "worker", "--help").stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "message"),
+    [
+        (("--executor", "celery"), {}, "SQLite cannot be shared between machines"),
+        (
+            ("--executor", "celery"),
+            {"KIKI_LEDGER_URL": "postgresql+psycopg://kiki@db/kiki"},
+            "set KIKI_BROKER_URL",
+        ),
+        (("--no-wait",), {}, "--no-wait needs --executor celery"),
+        (("--executor", "ray"), {}, "--executor"),
+    ],
+)
+def test_retry_refuses_an_executor_that_cannot_work_before_opening_the_ledger(
+    tmp_path, extra: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    path = contracts(tmp_path, '["json"]')
+    done = run(tmp_path, "retry", "--contracts", str(path), *extra, env=env)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert not (tmp_path / "data").exists()

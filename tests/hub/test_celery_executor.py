@@ -14,6 +14,7 @@ import pytest
 
 from kiki_billing.errors import ConfigurationError
 from kiki_billing.hub.celery_executor import (
+    Watch,
     WorkerRuntime,
     check_distributed,
     enqueue,
@@ -149,3 +150,65 @@ def test_a_worker_with_another_account_defers_instead_of_delivering(
     enqueue(ledger, deliveries(invoice(4)), again.append)
     assert again == [task_payload(deliveries(invoice(4))[0], redrive=False)]
     assert ledger.deliveries()[0].state is DeliveryState.PENDING
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.server
+def test_a_push_queues_again_the_tasks_of_deliveries_that_stopped_moving(
+    world: dict[str, Any],
+) -> None:
+    ledger = world["ledger"]
+    sent: list[dict[str, Any]] = []
+    queued = enqueue(ledger, deliveries(invoice(5), invoice(6), invoice(7)), sent.append)
+    sent.clear()  # the broker lost all three
+    clock = Clock()
+    watch = Watch(ledger, queued, sent.append, resend_after=60, clock=clock)
+    assert watch.poll() == 3 and not sent
+    clock.now += 59
+    assert watch.poll() == 3 and not sent  # not yet: a queue can be slow
+    clock.now += 1
+    assert watch.poll() == 3
+    assert sorted(p["invoice"] for p in sent) == [invoice(n).number for n in (5, 6, 7)]
+
+    # One copy is delivered, one is claimed by a worker whose lease still runs: progress.
+    by_number = {p["invoice"]: p for p in sent}
+    assert world["runtime"]("w1@host-a").deliver(by_number[invoice(5).number]).state == (
+        "delivered"
+    )
+    held = ledger.find_delivery(invoice(6).number, invoice(6).revision, "memory", "default")
+    assert held is not None
+    assert ledger.claim(held.id, "w9@host-z:1:1", [DeliveryState.PENDING], time.time())
+    sent.clear()
+    assert watch.poll() == 2 and not sent
+    # Nothing moves for a minute again: only the unheld one is sent again.
+    clock.now += 60
+    assert watch.poll() == 2
+    assert [p["invoice"] for p in sent] == [invoice(7).number]
+    # Without progress the next re-send waits twice as long.
+    sent.clear()
+    clock.now += 119
+    assert watch.poll() == 2 and not sent
+    clock.now += 1
+    watch.poll()
+    assert [p["invoice"] for p in sent] == [invoice(7).number]
+    # The held one's worker died; its lease runs out: its task is sent again as well.
+    ledger.heartbeat([held.id], "w9@host-z:1:1", time.time() - 10)
+    sent.clear()
+    watch.poll()  # the lease moved: progress
+    clock.now += 60
+    watch.poll()
+    assert sorted(p["invoice"] for p in sent) == [invoice(6).number, invoice(7).number]
+    # Whatever the copies, each invoice is delivered once.
+    worker = world["runtime"]("w2@host-b")
+    for payload in sent + sent:
+        worker.deliver(payload)
+    assert watch.poll() == 0 and watch.resent == 7
+    for n in (5, 6, 7):
+        assert len(world["system"].invoices_numbered(invoice(n).number)) == 1
