@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from kiki_billing.hub.settings import HubSettings
 
 POLL_SECONDS = 0.5
+PING_SECONDS = 2.0
 POOLS = ("threads", "prefork", "solo")
 
 
@@ -59,6 +60,12 @@ def push_with_celery(
             markup=False,
         )
         return
+    if sent and not app.control.ping(timeout=PING_SECONDS, limit=1):
+        err_console().print(
+            "warning: no worker answered: the deliveries wait in the queue until a "
+            "`kiki-billing worker` runs (Ctrl-C leaves them queued)",
+            markup=False,
+        )
     progress, bars = target_progress(Counter(item.delivery.target for item in queued), display)
     watch = Watch(ledger, queued, send, resend_after=settings.celery_resend_after, redrive=redrive)
     with progress:

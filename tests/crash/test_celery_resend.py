@@ -101,6 +101,7 @@ def test_a_waiting_push_queues_again_the_tasks_the_broker_lost(stack: Stack, los
     log = (stack.root / "push.log").read_text(errors="replace")
     assert code == 0, log[-3000:]
     assert "push.resent" in log
+    assert "no worker answered" in log  # the push began before the worker
 
     state = control(stack.stripe, "GET", "state")
     numbers = Counter(i["metadata"].get("kiki_invoice_number") for i in state["invoices"])
