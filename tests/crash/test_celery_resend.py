@@ -8,7 +8,8 @@ plays that broker: it takes some of a push's messages off the queue before any w
 The push, watching the ledger, sees the deliveries stop moving and sends their tasks again;
 every invoice then exists once in the (fake) Stripe, and the push exits 0.
 
-``retry --executor celery`` re-drives the deliveries that failed, through the workers.
+``retry --executor celery`` re-drives the deliveries that failed, through the workers, and
+``push --amend --yes --executor celery`` voids the changed invoices and issues revision 1.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -150,3 +152,46 @@ def test_retry_with_the_celery_executor_redrives_failed_deliveries(stack: Stack)
     state = control(stack.stripe, "GET", "state")
     numbers = Counter(i["metadata"].get("kiki_invoice_number") for i in state["invoices"])
     assert len(numbers) == CLIENTS and set(numbers.values()) == {1}
+
+
+def test_an_amend_through_the_celery_executor_voids_and_reissues(stack: Stack) -> None:
+    stack.start_worker(0)
+    assert stack.push().wait(timeout=120) == 0
+    # client-0's LTV was under-reported: its fee goes up; client-1's goes down.
+    metrics = stack.root / "metrics.csv"
+    rows = metrics.read_text().splitlines()
+    rows[1] = "client-0,camp-0,1000.00,9000.00,2026-02"
+    rows[2] = "client-1,camp-1,1001.00,4000.00,2026-02"
+    metrics.write_text("\n".join(rows) + "\n")
+    kiki = Path(sys.executable).with_name("kiki-billing")
+    args = ["push", "--period", "2026-02", "--contracts", str(stack.root / "contracts.toml")]
+    args += ["--metrics", str(metrics), "--executor", "celery", "--quiet"]
+    plain = subprocess.run(
+        [str(kiki), *args], cwd=stack.root, env=stack.env, capture_output=True, text=True
+    )
+    assert plain.returncode == 1 and "--amend" in plain.stdout + plain.stderr
+    done = subprocess.run(
+        [str(kiki), *args, "--amend", "--yes"],
+        cwd=stack.root,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    state = control(stack.stripe, "GET", "state")
+    revisions: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for inv in state["invoices"]:
+        meta = inv["metadata"]
+        revisions.setdefault((meta["kiki_client_id"], meta["kiki_revision"]), []).append(inv)
+    assert all(len(found) == 1 for found in revisions.values())
+    for client, fee in (("client-0", 60000), ("client-1", 9970)):
+        assert revisions[(client, "0")][0]["status"] == "void"
+        assert revisions[(client, "1")][0]["total"] == fee
+    assert {client for client, revision in revisions if revision == "1"} == {
+        "client-0",
+        "client-1",
+    }
+    rows_ = stack.query("SELECT revision, state, count(*) FROM deliveries GROUP BY 1, 2")
+    assert sorted(rows_) == [(0, "delivered", CLIENTS), (1, "delivered", 2)]
