@@ -80,6 +80,13 @@ def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
             built.stop_all()
 
 
+def kiki(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [str(Path(sys.executable).with_name("kiki-billing")), *args]
+    return subprocess.run(
+        command, cwd=stack.root, env=stack.env, capture_output=True, text=True, timeout=120
+    )
+
+
 def wait_for(check, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -127,16 +134,8 @@ def test_retry_with_the_celery_executor_redrives_failed_deliveries(stack: Stack)
 
     # No worker runs while `retry` queues: the re-drive goes through the queue, not this process.
     stack.kill_worker(0)
-    kiki = Path(sys.executable).with_name("kiki-billing")
     contracts = str(stack.root / "contracts.toml")
-    done = subprocess.run(
-        [str(kiki), "retry", "--executor", "celery", "--no-wait", "--contracts", contracts],
-        cwd=stack.root,
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = kiki(stack, "retry", "--executor", "celery", "--no-wait", "--contracts", contracts)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 deliveries queued" in done.stdout
     states = stack.query("SELECT state, count(*) FROM deliveries GROUP BY state")
@@ -163,21 +162,11 @@ def test_an_amend_through_the_celery_executor_voids_and_reissues(stack: Stack) -
     rows[1] = "client-0,camp-0,1000.00,9000.00,2026-02"
     rows[2] = "client-1,camp-1,1001.00,4000.00,2026-02"
     metrics.write_text("\n".join(rows) + "\n")
-    kiki = Path(sys.executable).with_name("kiki-billing")
     args = ["push", "--period", "2026-02", "--contracts", str(stack.root / "contracts.toml")]
     args += ["--metrics", str(metrics), "--executor", "celery", "--quiet"]
-    plain = subprocess.run(
-        [str(kiki), *args], cwd=stack.root, env=stack.env, capture_output=True, text=True
-    )
+    plain = kiki(stack, *args)
     assert plain.returncode == 1 and "--amend" in plain.stdout + plain.stderr
-    done = subprocess.run(
-        [str(kiki), *args, "--amend", "--yes"],
-        cwd=stack.root,
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = kiki(stack, *args, "--amend", "--yes")
     assert done.returncode == 0, done.stdout + done.stderr
 
     state = control(stack.stripe, "GET", "state")
