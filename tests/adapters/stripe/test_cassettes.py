@@ -367,6 +367,13 @@ def assert_all_played(cassette: Any, record_mode: str) -> None:
 CUSTOMER = [("GET", "/v1/customers/search"), ("POST", "/v1/customers")]
 
 
+def new_invoice_routes(lines: int, *then: tuple[str, str]) -> list[tuple[str, str]]:
+    """A new client's invoice: customer, draft, an item per line, finalize, then ``then``."""
+    items = [("POST", "/v1/invoiceitems")] * lines
+    finalize = ("POST", "/v1/invoices/{invoice}/finalize")
+    return [*CUSTOMER, ("POST", "/v1/invoices"), *items, finalize, *then]
+
+
 # --------------------------------------------------------------------------------------------
 # The cassettes
 # --------------------------------------------------------------------------------------------
@@ -386,14 +393,7 @@ def test_push_auto_collection_lets_stripe_collect(
         invoice,
         adapter,
         client,
-        [
-            *CUSTOMER,
-            ("POST", "/v1/invoices"),
-            ("POST", "/v1/invoiceitems"),
-            ("POST", "/v1/invoiceitems"),
-            ("POST", "/v1/invoiceitems"),
-            ("POST", "/v1/invoices/{invoice}/finalize"),
-        ],
+        new_invoice_routes(3),
     )
     finalized = response_json(vcr, -1)
     assert finalized["id"] == outcome.refs["invoice_id"]
@@ -424,13 +424,7 @@ def test_push_now_collection_pays_at_once(
         invoice,
         adapter,
         client,
-        [
-            *CUSTOMER,
-            ("POST", "/v1/invoices"),
-            ("POST", "/v1/invoiceitems"),
-            ("POST", "/v1/invoices/{invoice}/finalize"),
-            ("POST", "/v1/invoices/{invoice}/pay"),
-        ],
+        new_invoice_routes(1, ("POST", "/v1/invoices/{invoice}/pay")),
     )
     paid = response_json(vcr, -1)
     assert paid["status"] == outcome.refs["invoice_status"] == "paid"
@@ -455,13 +449,7 @@ def test_push_send_invoice_emails_it_due_after_the_terms(
         invoice,
         adapter,
         client,
-        [
-            *CUSTOMER,
-            ("POST", "/v1/invoices"),
-            ("POST", "/v1/invoiceitems"),
-            ("POST", "/v1/invoices/{invoice}/finalize"),
-            ("POST", "/v1/invoices/{invoice}/send"),
-        ],
+        new_invoice_routes(1, ("POST", "/v1/invoices/{invoice}/send")),
     )
     draft_request = next(r for r in vcr.requests if r.uri == f"{STRIPE_API}/v1/invoices")
     assert b"days_until_due=30" in draft_request.body
